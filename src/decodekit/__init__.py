@@ -1,0 +1,49 @@
+"""decodekit: every major LLM decoding strategy on any Hugging Face causal LM."""
+
+from decodekit.api import generate, generate_super, prepare_inputs
+from decodekit.cache import ModelState, left_pad, prune_cache
+from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, load_model
+from decodekit.outputs import GenerationOutput, RequestStats, RowTracker
+from decodekit.processors import (
+    GreedyProcessor,
+    LogitsProcessor,
+    MultinomialProcessor,
+    NucleusProcessor,
+    TopKNucleusProcessor,
+    TopKProcessor,
+    make_processor,
+    top_k_filtering,
+    top_p_filtering,
+)
+from decodekit.strategies import STRATEGIES
+from decodekit.strategies.autoregressive import autoregressive_generate
+from decodekit.validation import DecodeKitError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "generate",
+    "generate_super",
+    "prepare_inputs",
+    "load_model",
+    "BUNDLED_MODELS",
+    "DEFAULT_MODEL",
+    "ModelState",
+    "left_pad",
+    "prune_cache",
+    "GenerationOutput",
+    "RequestStats",
+    "RowTracker",
+    "LogitsProcessor",
+    "GreedyProcessor",
+    "MultinomialProcessor",
+    "TopKProcessor",
+    "NucleusProcessor",
+    "TopKNucleusProcessor",
+    "make_processor",
+    "top_k_filtering",
+    "top_p_filtering",
+    "STRATEGIES",
+    "autoregressive_generate",
+    "DecodeKitError",
+]

@@ -1,0 +1,225 @@
+"""The front door: ``generate`` (every strategy, batched) and ``generate_super``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from decodekit.cache import left_pad
+from decodekit.outputs import GenerationOutput, RowTracker
+from decodekit.processors import GreedyProcessor, LogitsProcessor, make_processor
+from decodekit.strategies import STRATEGIES, get_strategy
+from decodekit.strategies.base import DecodeRequest
+from decodekit.validation import DecodeKitError, check_choice, check_int, normalize_eos
+
+__all__ = ["generate", "generate_super", "prepare_inputs"]
+
+
+def _context_length(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def _vocab_size(model) -> int | None:
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and hasattr(emb, "weight"):
+        return int(emb.weight.shape[0])
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "vocab_size", None)
+
+
+def _default_ids(model) -> tuple[object, int | None]:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) and eos else eos
+    return eos, pad
+
+
+def prepare_inputs(
+    input_ids, attention_mask: Tensor | None, pad_token_id: int
+) -> tuple[Tensor, Tensor]:
+    """Accept ``[T]``/``[B, T]`` tensors or lists of ids; return left-padded ``ids, mask``.
+
+    A right-padded batch (mask ending in 0) is re-aligned to the left, which decoding
+    needs. Every row must hold at least one real token.
+    """
+    if isinstance(input_ids, Tensor):
+        ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+        if attention_mask is None:
+            mask = torch.ones_like(ids)
+        else:
+            mask = attention_mask.reshape(ids.shape).long()
+        rows = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
+        needs_realign = bool((mask[:, -1] == 0).any()) or bool(
+            (mask[:, :-1] > mask[:, 1:]).any()
+        )
+    else:
+        seq = list(input_ids)
+        rows = [list(seq)] if seq and isinstance(seq[0], int) else [list(r) for r in seq]
+        needs_realign, ids, mask = True, None, None
+    if not rows:
+        raise DecodeKitError("input_ids must hold at least one prompt")
+    for b, row in enumerate(rows):
+        if len(row) == 0:
+            raise DecodeKitError(f"prompt {b} is empty: every prompt needs at least one token")
+    if needs_realign:
+        ids, mask = left_pad(rows, pad_token_id)
+    return ids, mask
+
+
+def _make_processor(strategy, logits_processor, temperature, top_k, top_p) -> LogitsProcessor:
+    knobs = temperature is not None or top_k is not None or top_p is not None
+    if logits_processor is not None:
+        if knobs:
+            raise DecodeKitError("pass either logits_processor or temperature/top_k/top_p, not both")
+        return logits_processor
+    if strategy == "greedy":
+        if knobs and temperature not in (None, 0):
+            raise DecodeKitError(
+                "strategy 'greedy' takes no temperature/top_k/top_p; use strategy='sample'"
+            )
+        return GreedyProcessor()
+    if strategy == "sample" and temperature is None:
+        temperature = 1.0
+    if strategy == "sample" and temperature == 0:
+        raise DecodeKitError("temperature must be > 0 for strategy 'sample' (0 means greedy)")
+    return make_processor(temperature, top_k, top_p)
+
+
+def _split_options(func, options: dict, strategy: str) -> None:
+    params = inspect.signature(func).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in options if k not in params] if not accepts_any else []
+    if unknown:
+        allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        raise DecodeKitError(
+            f"unknown option(s) {', '.join(unknown)} for strategy {strategy!r}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )
+
+
+def generate(
+    model,
+    input_ids,
+    attention_mask: Tensor | None = None,
+    *,
+    strategy: str = "greedy",
+    max_new_tokens: int = 64,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    logits_processor: LogitsProcessor | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
+    streamer=None,
+    use_cache: bool = True,
+    debug: bool = False,
+    **options,
+) -> GenerationOutput:
+    """Decode a batch of prompts with one strategy.
+
+    ``input_ids``: ``[B, T]`` / ``[T]`` tensor (with ``attention_mask`` for padding) or
+    lists of token ids. ``strategy`` is one of ``decodekit.STRATEGIES``; strategy-specific
+    options (``num_beams``, ``drafter``, ``gamma``...) go in ``**options``. Sampling knobs:
+    ``temperature`` (0 = greedy), ``top_k``, ``top_p``, or a ``logits_processor``; ``seed``
+    makes sampling reproducible. ``eos_token_id`` / ``pad_token_id`` default to the model's
+    generation config. ``streamer`` is ``callback(row, new_token_ids)`` or a transformers
+    streamer. Returns a ``GenerationOutput`` with the new tokens and per-request stats.
+    """
+    check_choice("strategy", strategy, STRATEGIES)
+    check_int("max_new_tokens", max_new_tokens, min_value=1)
+    if seed is not None:
+        check_int("seed", seed, min_value=0)
+    processor = _make_processor(strategy, logits_processor, temperature, top_k, top_p)
+    default_eos, default_pad = _default_ids(model)
+    eos_ids = normalize_eos(default_eos if eos_token_id is None else eos_token_id, _vocab_size(model))
+    if pad_token_id is None:
+        pad_token_id = default_pad if default_pad is not None else 0
+    ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id)
+    prompt_lengths = mask.sum(-1).tolist()
+    context = _context_length(model)
+    if context is not None and max(prompt_lengths) >= context:
+        raise DecodeKitError(
+            f"prompt is {max(prompt_lengths)} tokens; the model's context is {context} tokens "
+            "(prompt length must be below it)"
+        )
+    if stop_strings and tokenizer is None:
+        raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")
+    func = get_strategy(strategy)
+    _split_options(func, options, strategy)
+
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    tracker = RowTracker(
+        prompt_lengths,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=eos_ids,
+        stop_strings=stop_strings,
+        tokenizer=tokenizer,
+        streamer=streamer,
+    )
+    request = DecodeRequest(
+        model=model,
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        processor=processor,
+        tracker=tracker,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad_token_id,
+        generator=generator,
+        tokenizer=tokenizer,
+        use_cache=use_cache,
+        debug=debug,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        return func(request, **options)
+    finally:
+        model.train(was_training)
+
+
+def generate_super(
+    model,
+    input_ids,
+    do_sample: bool = False,
+    num_beams: int = 1,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    max_new_tokens: int = 64,
+    assistant_model=None,
+    **kwargs,
+) -> GenerationOutput:
+    """One call for the classic strategies, routed like transformers' ``generate``.
+
+    * ``num_beams > 1`` -> beam search (``do_sample`` must be False),
+    * ``assistant_model`` -> speculative (assisted) decoding with that drafter,
+    * ``do_sample`` and ``temperature > 0`` -> sampling with temperature/top-k/top-p,
+    * otherwise (the default, or ``temperature == 0``) -> greedy. Nothing samples unless
+      asked to: the original's defaults silently sampled.
+    """
+    check_int("num_beams", num_beams, min_value=1)
+    sampling = bool(do_sample) and temperature != 0
+    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p) if sampling else {}
+    if num_beams > 1:
+        if sampling:
+            raise DecodeKitError("beam search with do_sample=True is not supported; set do_sample=False")
+        return generate(model, input_ids, strategy="beam", num_beams=num_beams,
+                        max_new_tokens=max_new_tokens, **kwargs)
+    if assistant_model is not None:
+        return generate(model, input_ids, strategy="speculative", drafter=assistant_model,
+                        max_new_tokens=max_new_tokens, **knobs, **kwargs)
+    strategy = "sample" if sampling else "greedy"
+    return generate(model, input_ids, strategy=strategy, max_new_tokens=max_new_tokens, **knobs, **kwargs)

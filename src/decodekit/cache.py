@@ -1,0 +1,244 @@
+"""The one layer every strategy uses to call a model and manage its KV cache.
+
+``ModelState`` holds, for a batch of ``B`` rows of one model:
+
+* ``ids``   ``[B, T]`` every token fed so far (prompt, then generated/drafted tokens),
+* ``mask``  ``[B, T]`` 1 for a real token, 0 for left padding or a *hole* (a rejected
+  draft token of one row while another row of the batch kept its token at that column),
+* ``cache`` a transformers ``DynamicCache`` whose length is ``T`` (when ``use_cache``).
+
+Position ids are always derived from the mask (``#real tokens before``), so left padding
+and holes never shift RoPE positions. The operations are the ones decoding needs:
+
+* ``prefill`` / ``extend(tokens)`` – feed tokens, get their logits,
+* ``crop(n)`` – drop the last ``n`` columns for every row (rollback),
+* ``rollback(per_row)`` – ragged rollback: row ``b`` forgets its last ``per_row[b]``
+  tokens; columns no row needs are cropped, the rest become holes,
+* ``select_rows(idx)`` – keep/reorder rows (finished rows leave, beams are reordered),
+* ``fork(idx)`` – an independent copy of some rows (EIS rollouts), the original untouched.
+
+With ``use_cache=False`` the same API re-runs the whole sequence on every call (the
+seed's slow path, kept for teaching and for checking the cached path against it).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+__all__ = ["ModelState", "prune_cache", "left_pad", "cache_kwarg"]
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Lists of token ids -> left-padded ``ids [B, T]`` and ``mask [B, T]``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        if row:
+            ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[b, width - len(row) :] = 1
+    return ids, mask
+
+
+def prune_cache(cache, num_tokens_to_discard: int):
+    """Remove the last ``num_tokens_to_discard`` tokens from a KV cache.
+
+    Works on a transformers ``Cache`` (transformers 5.x ``crop`` takes a *negative* count)
+    and on the legacy tuple-of-(key, value) form ``[B, H, T, D]``. 0 discards nothing.
+    """
+    if num_tokens_to_discard < 0:
+        raise ValueError(f"num_tokens_to_discard must be >= 0, got {num_tokens_to_discard}")
+    if cache is None or num_tokens_to_discard == 0:
+        return cache
+    if hasattr(cache, "crop"):
+        cache.crop(-num_tokens_to_discard)
+        return cache
+    return tuple(
+        tuple(t[..., :-num_tokens_to_discard, :] for t in layer) for layer in cache
+    )
+
+
+def cache_kwarg(model) -> str:
+    """Name of the KV-cache argument of ``model.forward``: transformers renamed
+    ``past_key_values`` to ``cache`` during 5.x; support both."""
+    name = getattr(model, "_decodekit_cache_kwarg", None)
+    if name is None:
+        params = inspect.signature(model.forward).parameters
+        name = "cache" if "cache" in params else "past_key_values"
+        try:
+            model._decodekit_cache_kwarg = name
+        except AttributeError:  # pragma: no cover - exotic modules
+            pass
+    return name
+
+
+def _cache_from_tensors(kv: list[tuple[Tensor, Tensor]]) -> DynamicCache:
+    cache = DynamicCache()
+    for layer_idx, (k, v) in enumerate(kv):
+        cache.update(k, v, layer_idx)
+    return cache
+
+
+def _cache_tensors(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class ModelState:
+    """Batched decoding state of one model (see module docstring)."""
+
+    def __init__(self, model, ids: Tensor, mask: Tensor, cache: DynamicCache | None, use_cache: bool):
+        self.model = model
+        self.ids = ids  # [B, T]
+        self.mask = mask  # [B, T]
+        self.cache = cache
+        self.use_cache = use_cache
+        self.forwards = 0  # model calls made through this state
+
+    # ------------------------------------------------------------------ feeding tokens
+    @classmethod
+    def prefill(
+        cls,
+        model,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        use_cache: bool = True,
+        logits_to_keep: int = 1,
+    ) -> tuple[ModelState, Tensor]:
+        """Run the prompt ``[B, T]``; return the state and logits ``[B, logits_to_keep, V]``."""
+        device = model.device
+        input_ids = input_ids.to(device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        empty = input_ids[:, :0]
+        state = cls(model, empty, attention_mask[:, :0], DynamicCache() if use_cache else None, use_cache)
+        logits = state.extend(input_ids, token_mask=attention_mask, logits_to_keep=logits_to_keep)
+        return state, logits
+
+    def positions(self, token_mask: Tensor) -> Tensor:
+        """Position ids ``[B, k]`` for new tokens with mask ``[B, k]``, continuing the rows."""
+        before = self.mask.sum(-1, keepdim=True)  # [B, 1] real tokens so far
+        pos = before + token_mask.cumsum(-1) - 1
+        return pos.clamp_min(0)
+
+    def extend(self, tokens: Tensor, *, token_mask: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
+        """Feed ``tokens [B, k]``; returns logits ``[B, k, V]`` (or the last ``logits_to_keep``)."""
+        tokens = tokens.to(self.ids.device)
+        if token_mask is None:
+            token_mask = torch.ones_like(tokens)
+        positions = self.positions(token_mask)
+        self.ids = torch.cat([self.ids, tokens], dim=1)
+        self.mask = torch.cat([self.mask, token_mask], dim=1)
+        self.forwards += 1
+        if self.use_cache:
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=self.mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+                **{cache_kwarg(self.model): self.cache},
+            )
+            return out.logits
+        # No cache: re-run the whole sequence, keep the logits of the new tokens.
+        all_pos = (self.mask.cumsum(-1) - 1).clamp_min(0)
+        keep = logits_to_keep if logits_to_keep else tokens.shape[1]
+        out = self.model(
+            input_ids=self.ids, attention_mask=self.mask, position_ids=all_pos, use_cache=False,
+            logits_to_keep=keep,
+        )
+        return out.logits
+
+    # ------------------------------------------------------------------ rolling back
+    @property
+    def length(self) -> int:
+        """Columns held (cache length), holes and padding included."""
+        return self.ids.shape[1]
+
+    def crop(self, num_tokens_to_discard: int) -> None:
+        """Forget the last ``num_tokens_to_discard`` columns of every row."""
+        if num_tokens_to_discard <= 0:
+            return
+        keep = self.length - num_tokens_to_discard
+        self.ids = self.ids[:, :keep]
+        self.mask = self.mask[:, :keep]
+        if self.use_cache:
+            prune_cache(self.cache, num_tokens_to_discard)
+
+    def rollback(self, per_row: Tensor) -> None:
+        """Row ``b`` forgets its last ``per_row[b]`` columns (``per_row [B]`` ints >= 0).
+
+        Columns that every row forgets are cropped; for the other rows the forgotten
+        columns become holes (mask 0), which attention and positions then ignore.
+        """
+        per_row = per_row.to(self.ids.device)
+        common = int(per_row.min())
+        self.crop(common)
+        extra = per_row - common  # [B]
+        if int(extra.max()) == 0:
+            return
+        col = torch.arange(self.length, device=self.ids.device)  # [T]
+        hole = col[None, :] >= (self.length - extra)[:, None]  # [B, T]
+        self.mask = self.mask.masked_fill(hole, 0)
+
+    # ------------------------------------------------------------------ rows
+    @property
+    def batch_size(self) -> int:
+        return self.ids.shape[0]
+
+    def select_rows(self, index: Tensor) -> None:
+        """Keep (and reorder) rows: ``index [B']`` of row numbers, in place."""
+        index = index.to(self.ids.device)
+        self.ids = self.ids.index_select(0, index)
+        self.mask = self.mask.index_select(0, index)
+        if self.use_cache and self.length:
+            for layer in self.cache.layers:
+                if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                    layer.keys = layer.keys.index_select(0, index)
+                    layer.values = layer.values.index_select(0, index)
+
+    def fork(self, index: Tensor | None = None) -> ModelState:
+        """An independent state holding rows ``index`` (all rows if None), e.g. expanded
+        ``repeat_interleave`` rows for rollouts; later calls on it never touch ``self``."""
+        if index is None:
+            index = torch.arange(self.batch_size, device=self.ids.device)
+        index = index.to(self.ids.device)
+        cache = None
+        if self.use_cache:
+            cache = _cache_from_tensors(
+                [(k.index_select(0, index), v.index_select(0, index)) for k, v in _cache_tensors(self.cache)]
+            )
+        return ModelState(self.model, self.ids.index_select(0, index), self.mask.index_select(0, index), cache, self.use_cache)
+
+    def compact(self) -> None:
+        """Remove holes: move each row's real tokens to the right (more left padding).
+
+        Holes cost attention work; strategies that create many (batched speculation)
+        call this now and then. Columns that are padding in every row are dropped.
+        """
+        real = self.mask.bool()  # [B, T]
+        n_real = real.sum(-1)  # [B]
+        width = int(n_real.max())
+        if width == self.length and bool(real[:, -width:].all()):
+            return
+        # order: padding/holes first (stable), then real tokens in their original order
+        order = torch.argsort(real.to(torch.int8), dim=-1, stable=True)[:, -width:]  # [B, W]
+        self.ids = self.ids.gather(1, order)
+        self.mask = self.mask.gather(1, order)
+        if self.use_cache:
+            for layer in self.cache.layers:
+                if getattr(layer, "keys", None) is None or not layer.keys.numel():
+                    continue
+                idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+                layer.keys = layer.keys.gather(2, idx)
+                layer.values = layer.values.gather(2, idx)
+
+    def holes(self) -> int:
+        """Number of masked columns that sit after a real token (not left padding)."""
+        started = self.mask.cumsum(-1) > 0
+        return int((started & (self.mask == 0)).sum())

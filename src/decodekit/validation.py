@@ -1,0 +1,77 @@
+"""Argument checks shared by every entry point.
+
+Each check raises ``DecodeKitError`` (a ``ValueError``) whose message names the parameter
+and what is allowed, so the CLI can print it as one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+
+class DecodeKitError(ValueError):
+    """Bad input: the message names the parameter and what is allowed."""
+
+
+def check_int(name: str, value, *, min_value: int | None = None, max_value: int | None = None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DecodeKitError(f"{name} must be an integer, got {value!r}")
+    if min_value is not None and value < min_value:
+        raise DecodeKitError(f"{name} must be >= {min_value}, got {value}")
+    if max_value is not None and value > max_value:
+        raise DecodeKitError(f"{name} must be <= {max_value}, got {value}")
+    return value
+
+
+def check_float(
+    name: str,
+    value,
+    *,
+    min_value: float | None = None,
+    max_value: float | None = None,
+    min_inclusive: bool = True,
+    max_inclusive: bool = True,
+):
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise DecodeKitError(f"{name} must be a number, got {value!r}")
+    if min_value is not None:
+        bad = value < min_value if min_inclusive else value <= min_value
+        if bad:
+            op = ">=" if min_inclusive else ">"
+            raise DecodeKitError(f"{name} must be {op} {min_value}, got {value}")
+    if max_value is not None:
+        bad = value > max_value if max_inclusive else value >= max_value
+        if bad:
+            op = "<=" if max_inclusive else "<"
+            raise DecodeKitError(f"{name} must be {op} {max_value}, got {value}")
+    return value
+
+
+def check_top_p(top_p) -> float:
+    check_float("top_p", top_p)
+    if not 0.0 < top_p <= 1.0:
+        raise DecodeKitError(f"top_p must be in (0, 1], got {top_p}")
+    return top_p
+
+
+def check_choice(name: str, value, allowed: Iterable):
+    allowed = list(allowed)
+    if value not in allowed:
+        raise DecodeKitError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def normalize_eos(eos_token_id, vocab_size: int | None = None) -> list[int]:
+    """``None | int | list[int]`` -> list of ids, each checked against the vocabulary."""
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    for tok in ids:
+        if isinstance(tok, bool) or not isinstance(tok, int):
+            raise DecodeKitError(f"eos_token_id must be an int or a list of ints, got {tok!r}")
+        if tok < 0 or (vocab_size is not None and tok >= vocab_size):
+            raise DecodeKitError(
+                f"eos_token_id must be in [0, {vocab_size}) (the vocabulary), got {tok}"
+            )
+    return ids
