@@ -139,7 +139,14 @@ def generate(
     check_int("max_new_tokens", max_new_tokens, min_value=1)
     if seed is not None:
         check_int("seed", seed, min_value=0)
-    processor = _make_processor(strategy, logits_processor, temperature, top_k, top_p)
+    func = get_strategy(strategy)
+    knob_values = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    own_knobs = {k for k in knob_values if k in inspect.signature(func).parameters}
+    # Strategies that give temperature/top_k/top_p their own meaning (EIS: top_k is the
+    # number of candidates) receive them as options; the others get a processor.
+    options.update({k: v for k, v in knob_values.items() if k in own_knobs and v is not None})
+    knob_values = {k: (None if k in own_knobs else v) for k, v in knob_values.items()}
+    processor = _make_processor(strategy, logits_processor, **knob_values)
     default_eos, default_pad = _default_ids(model)
     eos_ids = normalize_eos(default_eos if eos_token_id is None else eos_token_id, _vocab_size(model))
     if pad_token_id is None:
@@ -154,7 +161,6 @@ def generate(
         )
     if stop_strings and tokenizer is None:
         raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")
-    func = get_strategy(strategy)
     _split_options(func, options, strategy)
 
     generator = None

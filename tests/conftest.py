@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random models (fast, any architecture) and the real bundled model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+VOCAB = 97  # tiny vocabulary: distributions can be checked exhaustively
+EOS = 3
+PAD = 0
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = VOCAB):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1, tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def tiny_gemma3(seed: int = 0, layers: int = 2, vocab: int = VOCAB):
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention"][:layers] + ["full_attention"] * max(0, layers - 2),
+        eos_token_id=EOS, pad_token_id=PAD, bos_token_id=2,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+@pytest.fixture(scope="session")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    return tiny_gemma3()
+
+
+@pytest.fixture(params=["llama", "gemma3"], scope="session")
+def tiny_model(request):
+    return tiny_llama() if request.param == "llama" else tiny_gemma3()
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct, the bundled default (converted once, then cached)."""
+    import decodekit
+
+    return decodekit.load_model()
+
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "hi",
+    "Explain what a KV cache is in one sentence.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Name a famous painting by Leonardo da Vinci.",
+    "Give me a tip for learning Python.",
+    "Why is the sky blue?",
+    "Write a short greeting for a birthday card.",
+    "What does HTML stand for?",
+]
+
+
+def chat_batch(tokenizer, prompts):
+    """Left-padded chat-template batch: (input_ids, attention_mask)."""
+    enc = tokenizer.apply_chat_template(
+        [[{"role": "user", "content": p}] for p in prompts],
+        add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True,
+    )
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def hf_new_tokens(model, ids, mask, **kw):
+    """transformers generate(), new tokens per row cut after the first EOS."""
+    out = model.generate(ids, attention_mask=mask, **kw)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows
