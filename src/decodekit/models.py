@@ -139,7 +139,9 @@ def load_model(
     The tokenizer pads on the left, with EOS as pad token when it has none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if dtype is None:
         dtype = DEFAULT_DTYPE
     if isinstance(dtype, str):

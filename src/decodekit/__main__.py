@@ -1,0 +1,5 @@
+import sys
+
+from decodekit.cli import main
+
+sys.exit(main())
