@@ -3,6 +3,7 @@
 from decodekit.api import generate, generate_super, prepare_inputs
 from decodekit.cache import ModelState, left_pad, prune_cache
 from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, load_model
+from decodekit.ngram_storage import INgramStorage, NGramStorage, OneLevelNGramStorage
 from decodekit.outputs import GenerationOutput, RequestStats, RowTracker
 from decodekit.processors import (
     GreedyProcessor,
@@ -46,4 +47,7 @@ __all__ = [
     "STRATEGIES",
     "autoregressive_generate",
     "DecodeKitError",
+    "INgramStorage",
+    "NGramStorage",
+    "OneLevelNGramStorage",
 ]
