@@ -16,8 +16,10 @@ from decodekit.processors import (
     top_k_filtering,
     top_p_filtering,
 )
+from decodekit.quality import QA_SET, continuation_loglik, distinct_n, exact_match, normalize_answer
 from decodekit.strategies import STRATEGIES
 from decodekit.strategies.autoregressive import autoregressive_generate
+from decodekit.strategies.eis import ExtendedInferenceSampler, format_eis_trace
 from decodekit.validation import DecodeKitError
 
 __version__ = "0.1.0"
@@ -46,6 +48,13 @@ __all__ = [
     "top_p_filtering",
     "STRATEGIES",
     "autoregressive_generate",
+    "ExtendedInferenceSampler",
+    "format_eis_trace",
+    "continuation_loglik",
+    "distinct_n",
+    "exact_match",
+    "normalize_answer",
+    "QA_SET",
     "DecodeKitError",
     "INgramStorage",
     "NGramStorage",

@@ -11,6 +11,7 @@ import importlib
 STRATEGIES: dict[str, str] = {
     "greedy": "decodekit.strategies.autoregressive:decode",
     "sample": "decodekit.strategies.autoregressive:decode",
+    "eis": "decodekit.strategies.eis:decode",
 }
 
 

@@ -1,0 +1,342 @@
+"""Extended Inference Sampler (EIS): spend more compute per token by looking ahead.
+
+At every step the sampler takes the ``top_k`` most likely next tokens (the *candidates*),
+rolls each one out for ``lookahead_steps`` more tokens, and picks the candidate with the
+best extended score
+
+    S(c) = log p(c | x) + sum_{t=1..L} gamma^t * log p(c_t | x, c, c_<t)
+
+where ``x`` is the context, ``c_t`` the rollout tokens (argmax of the scoring distribution
+with ``rollout_mode="greedy"``, sampled from it with ``"sample"``), ``L`` the lookahead
+and ``gamma`` the discount factor. The chosen token is the argmax of ``S`` (as in the seed).
+
+The scoring distribution: ``log_softmax(top_p_filtering(logits / temperature, top_p))``,
+so with ``temperature=1, top_p=1`` it is the model's own log-softmax; a token removed by
+top-p has log-probability ``-inf`` (a candidate outside the nucleus can never be chosen).
+``temperature`` 0 or None means 1 (no scaling). A rollout that produces EOS has ended: its
+later terms count 0 (the candidate EOS itself has no rollout terms at all).
+
+Cost: all ``B * top_k`` rollouts run as ONE batch sharing the context's KV cache
+(``ModelState.fork`` with a ``repeat_interleave`` index; the prefix is never recomputed).
+One EIS step feeds the candidates, then ``L - 1`` rollout tokens: ``L`` batched one-token
+forwards. Nothing more is needed to advance, because the chosen candidate's own fork row
+already holds the cache of ``x + c`` and the logits of the next position: the sampler crops
+that row's rollout tokens and keeps it as the new context (so ``L`` forwards per token,
+not ``L + 1``; with ``L = 0`` it is plain greedy decoding, one forward per token).
+
+What is not reused: the chosen candidate's greedy rollout ``c_1..c_L`` is also the next
+step's top-1 candidate and its rollout, but the other ``top_k - 1`` candidates need full
+rollouts anyway, so the step still takes ``L`` forwards; reusing it would only remove one
+row of ``top_k`` from a batch whose cost on CPU hardly depends on the row count.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from decodekit.cache import ModelState
+from decodekit.processors import top_p_filtering
+from decodekit.strategies.base import DecodeRequest, drop_finished
+from decodekit.validation import DecodeKitError, check_choice, check_float, check_int, check_top_p
+
+__all__ = ["decode", "ExtendedInferenceSampler", "format_eis_trace", "ROLLOUT_MODES"]
+
+log = logging.getLogger(__name__)
+
+ROLLOUT_MODES = ("greedy", "sample")
+
+
+# ---------------------------------------------------------------------- options
+def _check_options(lookahead_steps, discount_factor, top_k, temperature, top_p, rollout_mode, vocab_size):
+    """Validate EIS options; returns ``(temperature, top_p)`` with defaults filled in."""
+    check_int("lookahead_steps", lookahead_steps, min_value=0)
+    check_float("discount_factor", discount_factor, min_value=0.0, min_inclusive=False, max_value=1.0)
+    check_int("top_k", top_k, min_value=1, max_value=vocab_size)
+    check_choice("rollout_mode", rollout_mode, ROLLOUT_MODES)
+    if temperature is not None:
+        check_float("temperature", temperature, min_value=0.0)
+        if rollout_mode == "sample" and temperature <= 0:
+            raise DecodeKitError(
+                f"temperature must be > 0 with rollout_mode='sample', got {temperature}"
+            )
+    temperature = 1.0 if not temperature else float(temperature)
+    top_p = 1.0 if top_p is None else float(check_top_p(top_p))
+    return temperature, top_p
+
+
+def _vocab_size(model) -> int | None:
+    from decodekit.api import _vocab_size as vocab_size
+
+    return vocab_size(model)
+
+
+# ---------------------------------------------------------------------- scoring
+class _Scorer:
+    """The scoring distribution and how rollouts pick their tokens."""
+
+    def __init__(self, temperature: float, top_p: float, greedy: bool, generator, eos_ids):
+        self.temperature = temperature
+        self.top_p = top_p
+        self.greedy = greedy
+        self.generator = generator
+        self.eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+
+    def log_probs(self, logits: Tensor) -> Tensor:
+        """``[N, V]`` logits -> ``[N, V]`` float32 log-probs (``-inf`` outside the nucleus)."""
+        scaled = logits.float() / self.temperature
+        return torch.log_softmax(top_p_filtering(scaled, self.top_p), dim=-1)
+
+    def pick(self, logp: Tensor) -> Tensor:
+        """``[N, V]`` log-probs -> ``[N]`` rollout tokens."""
+        if self.greedy:
+            return logp.argmax(dim=-1)
+        return torch.multinomial(logp.exp(), 1, generator=self.generator)[:, 0]
+
+    def is_eos(self, tokens: Tensor) -> Tensor:
+        """``[N]`` -> ``[N]`` bool."""
+        return torch.isin(tokens, self.eos.to(tokens.device))
+
+
+def rollout(state: ModelState, logits: Tensor, alive: Tensor, steps: int, gamma: float, scorer: _Scorer):
+    """Roll ``N`` rows forward ``steps`` tokens from ``logits [N, V]`` (the next-token
+    logits after each row's last token); returns the discounted sum
+    ``sum_t gamma^t log p(c_t | ...)`` ``[N]`` and the number of model calls made.
+
+    ``alive [N]`` marks rows that have not ended (ended rows add 0). The last rollout
+    token is scored but never fed, so ``steps - 1`` forwards are made.
+    """
+    future = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)  # [N]
+    forwards = 0
+    for t in range(1, steps + 1):
+        logp = scorer.log_probs(logits)  # [N, V]
+        tokens = scorer.pick(logp)  # [N]
+        term = logp.gather(-1, tokens[:, None])[:, 0]  # [N]
+        future = future + torch.where(alive, gamma**t * term, torch.zeros_like(term))
+        alive = alive & ~scorer.is_eos(tokens)
+        if t < steps:
+            logits = state.extend(tokens[:, None])[:, -1]  # [N, V]
+            forwards += 1
+    return future, forwards
+
+
+def eis_step(state: ModelState, logits: Tensor, top_k: int, steps: int, gamma: float, scorer: _Scorer):
+    """One EIS step for ``B`` rows with next-token ``logits [B, V]``.
+
+    Returns ``(chosen [B], state, next_logits [B, V], info, forwards)``: the new state holds
+    ``x + chosen`` and ``next_logits`` are its next-token logits (with ``steps == 0`` the
+    state is unchanged and ``next_logits`` is None: the caller feeds ``chosen``); ``info``
+    holds the candidates ``[B, k]``, their log-probs ``[B, k]`` and extended scores ``[B, k]``.
+    """
+    batch = logits.shape[0]
+    logp = scorer.log_probs(logits)  # [B, V]
+    cand_logp, cand = logp.topk(top_k, dim=-1)  # [B, k]
+    if steps == 0:  # no lookahead: S(c) = log p(c|x); the caller feeds the chosen token
+        chosen = logits.argmax(dim=-1)  # [B] the top candidate, ties broken like greedy
+        return chosen, state, None, (cand, cand_logp, cand_logp), 0
+    rows = torch.arange(batch, device=logits.device).repeat_interleave(top_k)  # [B*k]
+    fork = state.fork(rows)  # the context's cache, once per candidate
+    after = fork.extend(cand.reshape(-1, 1))[:, -1]  # [B*k, V] logits after each candidate
+    alive = ~scorer.is_eos(cand.reshape(-1))  # [B*k]
+    future, forwards = rollout(fork, after, alive, steps, gamma, scorer)
+    scores = cand_logp + future.view(batch, top_k)  # [B, k]
+    best = scores.argmax(-1)  # [B]
+    chosen = cand.gather(-1, best[:, None])[:, 0]  # [B]
+    keep = torch.arange(batch, device=logits.device) * top_k + best  # [B] fork rows to keep
+    fork.select_rows(keep)
+    fork.crop(steps - 1)  # forget the rollout tokens: the fork now holds x + chosen
+    return chosen, fork, after.index_select(0, keep), (cand, cand_logp, scores), 1 + forwards
+
+
+# ---------------------------------------------------------------------- debug trace
+def _trace_records(step: int, rows: list[int], chosen: Tensor, info) -> list[dict]:
+    cand, cand_logp, scores = info
+    records = []
+    for i, row in enumerate(rows):
+        finite = scores[i][torch.isfinite(scores[i])]
+        records.append({
+            "step": step,
+            "row": row,
+            "candidates": cand[i].tolist(),
+            "log_probs": cand_logp[i].tolist(),
+            "scores": scores[i].tolist(),
+            "chosen": int(chosen[i]),
+            "mean_score": float(finite.mean()) if finite.numel() else float("-inf"),
+        })
+    return records
+
+
+def format_eis_trace(trace: list[dict], tokenizer=None) -> str:
+    """A readable table per step and row: candidates, log p(c|x), S(c), the chosen one (*)."""
+    lines = []
+    for rec in trace:
+        lines.append(f"step {rec['step']}  row {rec['row']}  mean S = {rec['mean_score']:.4f}")
+        lines.append(f"    {'candidate':<20} {'log p(c|x)':>11} {'S(c)':>11}")
+        for tok, lp, score in zip(rec["candidates"], rec["log_probs"], rec["scores"], strict=True):
+            text = repr(tokenizer.decode([tok])) if tokenizer is not None else str(tok)
+            mark = "*" if tok == rec["chosen"] else " "
+            lines.append(f"  {mark} {text[:20]:<20} {lp:>11.4f} {score:>11.4f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the strategy
+@torch.inference_mode()
+def decode(
+    req: DecodeRequest,
+    *,
+    lookahead_steps: int = 3,
+    discount_factor: float = 0.9,
+    top_k: int = 5,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    rollout_mode: str = "greedy",
+):
+    """EIS decoding (see the module docstring). ``top_k``: candidates per step;
+    ``temperature``/``top_p`` shape the scoring distribution; ``rollout_mode``: how
+    rollout tokens are chosen ("greedy" or "sample", seeded by ``seed``)."""
+    temperature, top_p = _check_options(
+        lookahead_steps, discount_factor, top_k, temperature, top_p, rollout_mode, _vocab_size(req.model)
+    )
+    if not req.processor.is_greedy:
+        raise DecodeKitError("strategy 'eis' takes temperature/top_k/top_p, not a logits_processor")
+    scorer = _Scorer(temperature, top_p, rollout_mode == "greedy", req.generator, req.eos_token_ids)
+    tracker = req.tracker
+    state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)
+    tracker.count_forward()
+    logits = logits[:, -1]  # [B, V]
+    trace: list[dict] = []
+    step = 0
+    while True:
+        chosen, state, logits, info, forwards = eis_step(
+            state, logits, top_k, lookahead_steps, discount_factor, scorer
+        )
+        for _ in range(forwards):
+            tracker.count_forward()
+        if req.debug:
+            trace += _trace_records(step, list(tracker.active), chosen, info)
+        finished = tracker.push(chosen[:, None])
+        if logits is None:  # no lookahead: feed the chosen token like greedy decoding
+            (chosen,) = drop_finished(tracker, finished, [state], chosen)
+            if tracker.done:
+                break
+            logits = state.extend(chosen[:, None])[:, -1]  # [B, V]
+            tracker.count_forward()
+        else:
+            (logits,) = drop_finished(tracker, finished, [state], logits)
+            if tracker.done:
+                break
+        step += 1
+    return tracker.result(debug=trace if req.debug else None)
+
+
+# ---------------------------------------------------------------------- the seed's class
+class ExtendedInferenceSampler:
+    """The seed's interface, a thin wrapper over ``decode`` (same code, same results).
+
+    ``generate(input_ids, generation_config)`` returns ``[B, T + new]`` token ids (finished
+    rows padded with the pad id); ``last_output`` holds the full ``GenerationOutput``
+    (stats, and the per-step trace when ``debug=True``).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        lookahead_steps: int = 3,
+        discount_factor: float = 0.9,
+        top_k: int = 5,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        rollout_mode: str = "greedy",
+        use_cache: bool = True,
+        debug: bool = False,
+    ):
+        _check_options(lookahead_steps, discount_factor, top_k, temperature, top_p, rollout_mode, _vocab_size(model))
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lookahead_steps = lookahead_steps
+        self.discount_factor = discount_factor
+        self.top_k = top_k
+        self.temperature = temperature
+        self.top_p = top_p
+        self.rollout_mode = rollout_mode
+        self.use_cache = use_cache
+        self.debug = debug
+        self.last_output = None
+
+    def _options(self) -> dict:
+        return dict(
+            lookahead_steps=self.lookahead_steps, discount_factor=self.discount_factor, top_k=self.top_k,
+            temperature=self.temperature, top_p=self.top_p, rollout_mode=self.rollout_mode,
+        )
+
+    def _scorer(self) -> _Scorer:
+        temperature, top_p = _check_options(**self._options(), vocab_size=_vocab_size(self.model))
+        eos = _eos_ids(None, self.model)
+        return _Scorer(temperature, top_p, self.rollout_mode == "greedy", None, eos)
+
+    @torch.inference_mode()
+    def _rollout_batch(self, candidate_ids: Tensor, model_kwargs: dict | None = None) -> Tensor:
+        """``candidate_ids [N, T]`` (context + candidate, left padded; ``model_kwargs`` may
+        hold its ``attention_mask``) -> ``[N]`` discounted rollout sums
+        ``sum_{t=1..L} gamma^t log p(c_t | x, c, c_<t)`` (``log p(c|x)`` not included)."""
+        mask = (model_kwargs or {}).get("attention_mask")
+        state, logits = ModelState.prefill(self.model, candidate_ids, mask, use_cache=self.use_cache)
+        scorer = self._scorer()
+        alive = ~scorer.is_eos(state.ids[:, -1])
+        future, _ = rollout(state, logits[:, -1], alive, self.lookahead_steps, self.discount_factor, scorer)
+        return future
+
+    def generate(self, input_ids: Tensor, generation_config=None, attention_mask: Tensor | None = None, **model_kwargs):
+        """``input_ids [B, T]`` (or ``[T]``) -> ``[B, T + new]``; ``generation_config`` (a
+        transformers ``GenerationConfig``) supplies ``max_new_tokens`` and ``eos_token_id``."""
+        from decodekit.api import generate
+
+        attention_mask = model_kwargs.pop("attention_mask", attention_mask)
+        if model_kwargs:
+            raise DecodeKitError(f"unsupported model kwargs for EIS: {', '.join(model_kwargs)}")
+        ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+        eos = _eos_ids(generation_config, self.model)
+        pad = _pad_id(generation_config, self.tokenizer, eos)
+        out = generate(
+            self.model, ids, attention_mask, strategy="eis", max_new_tokens=_max_new_tokens(generation_config, ids),
+            eos_token_id=eos, pad_token_id=pad, tokenizer=self.tokenizer, use_cache=self.use_cache,
+            debug=self.debug, **self._options(),
+        )
+        self.last_output = out
+        if self.debug:
+            log.info("EIS trace:\n%s", format_eis_trace(out.debug, self.tokenizer))
+        width = max(len(s) for s in out.sequences)
+        new = torch.full((ids.shape[0], width), pad, dtype=ids.dtype, device=ids.device)
+        for b, seq in enumerate(out.sequences):
+            new[b, : len(seq)] = torch.tensor(seq, dtype=ids.dtype)
+        return torch.cat([ids, new], dim=1)
+
+
+def _eos_ids(generation_config, model) -> list[int]:
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _pad_id(generation_config, tokenizer, eos: list[int]) -> int:
+    for pad in (getattr(generation_config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None)):
+        if pad is not None:
+            return int(pad)
+    return eos[0] if eos else 0
+
+
+def _max_new_tokens(generation_config, ids: Tensor) -> int:
+    """``max_new_tokens``, else ``max_length - T``, else transformers' default of 20 tokens."""
+    if generation_config is None:
+        return 20
+    if generation_config.max_new_tokens is not None:
+        return generation_config.max_new_tokens
+    if getattr(generation_config, "max_length", None) is not None:
+        return max(1, generation_config.max_length - ids.shape[1])
+    return 20
