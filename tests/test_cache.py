@@ -1,0 +1,106 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from decodekit import ModelState, left_pad, prune_cache
+
+
+def full_logits(model, rows):
+    """Reference: one plain forward per row, no cache, no padding: [T, V] per row."""
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([r])).logits[0] for r in rows]
+
+
+ROWS = [[5, 6, 7, 8, 9, 10], [11, 12, 17], [13, 14, 15, 16]]
+
+
+@torch.no_grad()
+def test_prefill_then_extend_matches_full_forward(tiny_model):
+    ids, mask = left_pad([r[:-2] for r in ROWS], 0)
+    state, logits = ModelState.prefill(tiny_model, ids, mask)
+    step = state.extend(torch.tensor([[r[-2], r[-1]] for r in ROWS]))  # [B, 2, V]
+    ref = full_logits(tiny_model, ROWS)
+    for b, r in enumerate(ref):
+        assert torch.allclose(logits[b, -1], r[-3], atol=1e-4)
+        assert torch.allclose(step[b], r[-2:], atol=1e-4)
+
+
+@torch.no_grad()
+def test_crop_then_extend_is_a_clean_rollback(tiny_model):
+    ids, mask = left_pad(ROWS, 0)
+    state, _ = ModelState.prefill(tiny_model, ids, mask)
+    state.extend(torch.tensor([[40, 41, 42]] * 3))
+    state.crop(3)
+    out = state.extend(torch.tensor([[50]] * 3))[:, -1]
+    ref = full_logits(tiny_model, [r + [50] for r in ROWS])
+    for b in range(3):
+        assert torch.allclose(out[b], ref[b][-1], atol=1e-4)
+
+
+@torch.no_grad()
+def test_ragged_rollback_holes_are_invisible(tiny_model):
+    """Row b forgets a different number of tokens; later logits equal a clean sequence."""
+    ids, mask = left_pad(ROWS, 0)
+    state, _ = ModelState.prefill(tiny_model, ids, mask)
+    drafts = torch.tensor([[20, 21, 22], [23, 24, 25], [26, 27, 28]])
+    state.extend(drafts)
+    forget = torch.tensor([0, 2, 1])
+    state.rollback(forget)
+    assert state.holes() == 3  # nobody forgot 0 columns... row 0 forgot none, so 2 + 1 holes
+    out = state.extend(torch.tensor([[60], [61], [62]]))[:, -1]
+    kept = [r + d[: 3 - f] for r, d, f in zip(ROWS, drafts.tolist(), forget.tolist())]
+    ref = full_logits(tiny_model, [k + [60 + b] for b, k in enumerate(kept)])
+    for b in range(3):
+        assert torch.allclose(out[b], ref[b][-1], atol=1e-4)
+    # compacting removes the holes and changes nothing
+    state.compact()
+    assert state.holes() == 0
+    out2 = state.extend(torch.tensor([[70], [71], [72]]))[:, -1]
+    ref2 = full_logits(tiny_model, [k + [60 + b, 70 + b] for b, k in enumerate(kept)])
+    for b in range(3):
+        assert torch.allclose(out2[b], ref2[b][-1], atol=1e-4)
+
+
+@torch.no_grad()
+def test_select_rows_and_fork(tiny_model):
+    ids, mask = left_pad(ROWS, 0)
+    state, _ = ModelState.prefill(tiny_model, ids, mask)
+    fork = state.fork(torch.tensor([2, 2, 0]))
+    fork_out = fork.extend(torch.tensor([[30], [31], [32]]))[:, -1]
+    # the original is untouched by the fork
+    assert state.length == ids.shape[1]
+    state.select_rows(torch.tensor([2, 0]))
+    out = state.extend(torch.tensor([[30], [32]]))[:, -1]
+    assert torch.allclose(out[0], fork_out[0], atol=1e-5)
+    assert torch.allclose(out[1], fork_out[2], atol=1e-5)
+    ref = full_logits(tiny_model, [ROWS[2] + [31]])[0][-1]
+    assert torch.allclose(fork_out[1], ref, atol=1e-4)
+
+
+@torch.no_grad()
+def test_no_cache_mode_gives_the_same_logits(tiny_model):
+    ids, mask = left_pad(ROWS, 0)
+    a, la = ModelState.prefill(tiny_model, ids, mask, use_cache=True)
+    b, lb = ModelState.prefill(tiny_model, ids, mask, use_cache=False)
+    assert torch.allclose(la, lb, atol=1e-4)
+    tok = torch.tensor([[44, 45]] * 3)
+    assert torch.allclose(a.extend(tok), b.extend(tok), atol=1e-4)
+    a.rollback(torch.tensor([1, 0, 2]))
+    b.rollback(torch.tensor([1, 0, 2]))
+    assert torch.allclose(a.extend(tok[:, :1]), b.extend(tok[:, :1]), atol=1e-4)
+
+
+def test_prune_cache_both_forms():
+    k = torch.randn(1, 2, 5, 4)
+    legacy = ((k, k.clone()), (k, k.clone()))
+    assert prune_cache(legacy, 0) is legacy
+    pruned = prune_cache(legacy, 2)
+    assert pruned[0][0].shape[2] == 3 and pruned[1][1].shape[2] == 3
+    cache = DynamicCache()
+    cache.update(k, k.clone(), 0)
+    prune_cache(cache, 0)
+    assert cache.get_seq_length() == 5
+    prune_cache(cache, 3)
+    assert cache.get_seq_length() == 2
+    with pytest.raises(ValueError):
+        prune_cache(cache, -1)
