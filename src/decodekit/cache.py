@@ -136,9 +136,11 @@ class ModelState:
         self.mask = torch.cat([self.mask, token_mask], dim=1)
         self.forwards += 1
         if self.use_cache:
+            # No padding and no holes: let the model use its plain causal path (cheaper).
+            mask = None if bool(self.mask.all()) else self.mask
             out = self.model(
                 input_ids=tokens,
-                attention_mask=self.mask,
+                attention_mask=mask,
                 position_ids=positions,
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
