@@ -1,9 +1,10 @@
 import pytest
 import torch
-from conftest import CHAT_PROMPTS, EOS, chat_batch, hf_new_tokens
 
 import decodekit as dk
 from decodekit import GreedyProcessor, autoregressive_generate, left_pad
+
+from conftest import CHAT_PROMPTS, EOS, chat_batch, hf_new_tokens
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
 
