@@ -4,8 +4,8 @@
   (higher = the model finds the text more likely; greedy-like strategies score high),
 * ``distinct_n``: share of distinct n-grams (low = repetitive text),
 * ``exact_match``: does an answer contain / equal the gold answer (SQuAD-style
-  normalisation, several aliases allowed), scored on ``QA_SET``, a small arithmetic and
-  factual question set shipped with decodekit.
+  normalisation, several aliases allowed), scored by ``decodekit bench`` on the small
+  arithmetic/factual question set shipped as ``decodekit/data/qa.jsonl``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["continuation_loglik", "distinct_n", "exact_match", "normalize_answer", "QA_SET"]
+__all__ = ["continuation_loglik", "distinct_n", "exact_match", "normalize_answer"]
 
 
 def _as_list(ids) -> list[int]:
@@ -100,29 +100,3 @@ def exact_match(answer_text: str, gold: str | Sequence[str], strict: bool = Fals
         if not strict and re.search(rf"(?<!\S){re.escape(alias)}(?!\S)", answer):
             return True
     return False
-
-
-# A small question set with short, checkable answers (aliases allowed). Arithmetic and
-# common facts a 135M-parameter chat model sometimes gets right.
-QA_SET: list[dict] = [
-    {"question": "What is 2 + 3? Answer with a number.", "answer": ["5", "five"]},
-    {"question": "What is 12 times 7? Answer with a number.", "answer": ["84", "eighty-four", "eighty four"]},
-    {"question": "What is 10 minus 4? Answer with a number.", "answer": ["6", "six"]},
-    {"question": "What is 9 plus 8? Answer with a number.", "answer": ["17", "seventeen"]},
-    {"question": "What is 100 divided by 4? Answer with a number.", "answer": ["25", "twenty-five"]},
-    {"question": "What is 6 times 6? Answer with a number.", "answer": ["36", "thirty-six"]},
-    {"question": "How many days are in a week?", "answer": ["7", "seven"]},
-    {"question": "How many legs does a spider have?", "answer": ["8", "eight"]},
-    {"question": "How many continents are there?", "answer": ["7", "seven"]},
-    {"question": "What is the capital of France?", "answer": ["Paris"]},
-    {"question": "What is the capital of Japan?", "answer": ["Tokyo"]},
-    {"question": "What is the capital of Italy?", "answer": ["Rome"]},
-    {"question": "What is the capital of Germany?", "answer": ["Berlin"]},
-    {"question": "What is the largest planet in our solar system?", "answer": ["Jupiter"]},
-    {"question": "Which planet is known as the Red Planet?", "answer": ["Mars"]},
-    {"question": "What is the chemical symbol for water?", "answer": ["H2O"]},
-    {"question": "What is the chemical symbol for gold?", "answer": ["Au"]},
-    {"question": "Who wrote Romeo and Juliet?", "answer": ["Shakespeare", "William Shakespeare"]},
-    {"question": "What color do you get by mixing blue and yellow?", "answer": ["green"]},
-    {"question": "What is the freezing point of water in degrees Celsius?", "answer": ["0", "zero"]},
-]
