@@ -2,7 +2,6 @@
 
 from decodekit.api import generate, generate_super, prepare_inputs
 from decodekit.cache import ModelState, left_pad, prune_cache
-from decodekit.io import encode_prompts, load_prompts
 from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, load_model
 from decodekit.ngram_storage import INgramStorage, NGramStorage, OneLevelNGramStorage
 from decodekit.outputs import GenerationOutput, RequestStats, RowTracker
@@ -20,14 +19,7 @@ from decodekit.processors import (
 from decodekit.quality import continuation_loglik, distinct_n, exact_match, normalize_answer
 from decodekit.strategies import STRATEGIES
 from decodekit.strategies.autoregressive import autoregressive_generate
-from decodekit.strategies.beam import beam_search_generate, format_beam_trace
 from decodekit.strategies.eis import ExtendedInferenceSampler, format_eis_trace
-from decodekit.strategies.refine import (
-    decode_jacobi,
-    decode_refine,
-    format_refine_trace,
-    iterative_generate,
-)
 from decodekit.validation import DecodeKitError
 
 __version__ = "0.1.0"
@@ -36,8 +28,6 @@ __all__ = [
     "generate",
     "generate_super",
     "prepare_inputs",
-    "encode_prompts",
-    "load_prompts",
     "load_model",
     "BUNDLED_MODELS",
     "DEFAULT_MODEL",
@@ -58,14 +48,8 @@ __all__ = [
     "top_p_filtering",
     "STRATEGIES",
     "autoregressive_generate",
-    "beam_search_generate",
-    "format_beam_trace",
     "ExtendedInferenceSampler",
     "format_eis_trace",
-    "iterative_generate",
-    "decode_refine",
-    "decode_jacobi",
-    "format_refine_trace",
     "continuation_loglik",
     "distinct_n",
     "exact_match",
