@@ -333,7 +333,7 @@ def _sync(device: str) -> None:
 
 
 class PeakMemory:
-    """Peak resident memory (CPU: RSS sampled every 5 ms; CUDA: max allocated), in MiB."""
+    """Peak resident memory (CPU: RSS sampled every 20 ms; CUDA: max allocated), in MiB."""
 
     def __init__(self, device: str):
         self.device, self.peak_mib, self._stop = device, 0.0, threading.Event()
@@ -349,7 +349,7 @@ class PeakMemory:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.02):
             self.peak_mib = max(self.peak_mib, self._rss())
 
     def __enter__(self):
@@ -732,13 +732,16 @@ def run(args: argparse.Namespace) -> int:
     """The ``decodekit bench`` subcommand."""
     cfg = resolve_config(args)
     from decodekit.bench_report import write_outputs
-
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    models, tokenizer = load_models(cfg)
     from decodekit.models import DEFAULT_MODEL
 
-    results, completed = run_bench(cfg, models, tokenizer, cfg.model or DEFAULT_MODEL)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        models, tokenizer = load_models(cfg)
+        results, completed = run_bench(cfg, models, tokenizer, cfg.model or DEFAULT_MODEL)
+    finally:
+        torch.set_num_threads(threads)
     results["command"] = "decodekit bench " + " ".join(_argv_echo(args))
     paths = write_outputs(results, cfg.output_dir)
     print("\n".join(f"wrote {p}" for p in paths), flush=True)
