@@ -20,6 +20,8 @@ from decodekit.quality import continuation_loglik, distinct_n, exact_match, norm
 from decodekit.strategies import STRATEGIES
 from decodekit.strategies.autoregressive import autoregressive_generate
 from decodekit.strategies.eis import ExtendedInferenceSampler, format_eis_trace
+from decodekit.strategies.speculative import Draft, Drafter, speculative_generate
+from decodekit.strategies.verify import max_fn
 from decodekit.validation import DecodeKitError
 
 __version__ = "0.1.0"
@@ -48,6 +50,10 @@ __all__ = [
     "top_p_filtering",
     "STRATEGIES",
     "autoregressive_generate",
+    "speculative_generate",
+    "Draft",
+    "Drafter",
+    "max_fn",
     "ExtendedInferenceSampler",
     "format_eis_trace",
     "continuation_loglik",

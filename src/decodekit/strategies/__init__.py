@@ -12,6 +12,7 @@ STRATEGIES: dict[str, str] = {
     "greedy": "decodekit.strategies.autoregressive:decode",
     "sample": "decodekit.strategies.autoregressive:decode",
     "eis": "decodekit.strategies.eis:decode",
+    "speculative": "decodekit.strategies.speculative:decode",
 }
 
 

@@ -1,0 +1,518 @@
+"""Speculative decoding: a drafter proposes tokens, the target verifies them in ONE forward.
+
+Every speculative strategy (draft model, self-speculative ``layers:N``, n-grams, prompt
+lookup) runs the one loop of this module, ``speculative_loop``; they differ only in their
+``Drafter``. One step, for a batch of rows that each accept a different number of drafts:
+
+1. the draft-length policy picks a budget per row (``draft_policy.py``: fixed, EGAG, cost),
+2. the drafter proposes ``k`` tokens per row (``Draft``: tokens, how many are real, ``q``),
+3. the target runs ``[last token, drafts]`` (``k + 1`` tokens) through its KV cache once,
+4. ``verify`` (the shared rejection sampler) accepts a prefix per row and draws the
+   recovered (after a rejection) or bonus (all accepted) token,
+5. accepted drafts + that token go to the tracker; the target cache is rolled back per row
+   (``ModelState.rollback``: rows that accepted fewer drafts get masked holes, so the batch
+   never falls back to one row at a time); the drafter is told the result,
+6. finished rows leave the batch; holes are compacted away now and then.
+
+Greedy verification against a one-hot target reproduces greedy decoding token for token;
+under sampling the output is distributed exactly as the target's (``verify.py``).
+``first_target=False``: the target is prefilled with the prompt minus its last token, so
+the drafter proposes the very first tokens too and the first verify step checks them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from decodekit.cache import ModelState
+from decodekit.outputs import GenerationOutput
+from decodekit.strategies.base import DecodeRequest
+from decodekit.strategies.draft_policy import DraftPolicy, make_policy
+from decodekit.strategies.verify import VerifyResult, verify
+from decodekit.validation import DecodeKitError, check_choice, check_float, check_int
+
+__all__ = [
+    "Draft",
+    "Drafter",
+    "ModelDrafter",
+    "speculative_loop",
+    "early_exit_model",
+    "resolve_drafter",
+    "speculative_generate",
+    "decode",
+]
+
+log = logging.getLogger(__name__)
+
+HOLES_PER_ROW_BEFORE_COMPACT = 16  # masked columns per row tolerated before compact()
+
+
+# ---------------------------------------------------------------------------- interface
+@dataclass
+class Draft:
+    """What a drafter proposes for the active rows."""
+
+    tokens: Tensor  # [B, k] drafted ids (anything past drafted[b] is ignored)
+    drafted: Tensor  # [B] real drafts per row, 0..k
+    q: Tensor | None = None  # [B, k, V] drafter probabilities (processed like p); None = deterministic
+
+    @classmethod
+    def empty(cls, batch: int, device=None) -> Draft:
+        return cls(torch.zeros(batch, 0, dtype=torch.long, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def k(self) -> int:
+        return self.tokens.shape[1]
+
+
+class Drafter:
+    """Base class of every drafter (no-op defaults).
+
+    ``rows[i]`` is the full history of active row ``i``: prompt + generated tokens,
+    including the latest target token (which the target has not consumed yet).
+    """
+
+    name = "drafter"
+
+    def prefill(self, req: DecodeRequest) -> None:
+        """Called once, before the loop, with the whole batch."""
+
+    def propose(self, rows: list[list[int]], k: int) -> Draft:
+        """Up to ``k`` draft tokens per row."""
+        return Draft.empty(len(rows))
+
+    def update(self, draft: Draft, result: VerifyResult, p: Tensor) -> None:
+        """After each verify step; ``p [B, k+1, V]`` are the target's probabilities."""
+
+    def select_rows(self, index: Tensor) -> None:
+        """Finished rows left the batch: keep rows ``index [B']``."""
+
+    def step_cost(self, batch: int) -> float:
+        """Seconds one drafting step costs for ``batch`` rows (the cost policy uses it)."""
+        return 0.0
+
+
+# ---------------------------------------------------------------------------- the loop
+def prompt_rows(ids: Tensor, mask: Tensor) -> list[list[int]]:
+    """Left-padded ``[B, T]`` -> the real tokens of each row."""
+    return [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+
+
+def prefill_context(model, ids: Tensor, mask: Tensor, use_cache: bool) -> ModelState:
+    """A state holding ``ids [B, T]`` (T may be 0), without needing its logits."""
+    if ids.shape[1] == 0:
+        return ModelState(model, ids, mask, DynamicCache() if use_cache else None, use_cache)
+    state, _ = ModelState.prefill(model, ids, mask, use_cache=use_cache, logits_to_keep=1)
+    return state
+
+
+def _sliding_window(model) -> bool:
+    """Sliding-window attention counts cache *columns*, so holes would widen the window:
+    such models are compacted whenever a rollback leaves holes."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "sliding_window", None) is None:
+        return False
+    types = getattr(cfg, "layer_types", None)
+    return types is None or any("sliding" in t for t in types)
+
+
+def maybe_compact(state: ModelState) -> None:
+    """Remove holes when they pile up (or at once for sliding-window models)."""
+    limit = 0 if _sliding_window(state.model) else HOLES_PER_ROW_BEFORE_COMPACT * state.batch_size
+    if state.holes() > limit:
+        state.compact()
+
+
+class _Run:
+    """The mutable batch of one speculative generation (kept in one place so that dropping
+    finished rows updates every part of it together)."""
+
+    def __init__(self, req: DecodeRequest, drafter: Drafter, policy: DraftPolicy, trace: bool):
+        self.req, self.drafter, self.policy = req, drafter, policy
+        self.rows = prompt_rows(req.input_ids, req.attention_mask)  # histories
+        self.trace = [[] for _ in self.rows] if trace else None  # (token, kind) per caller row
+        self.state: ModelState | None = None
+        self.last: Tensor | None = None  # [B] the latest token, not yet fed to the target
+
+    def emit(self, tokens: list[list[int]], kinds: list[list[str]]) -> list[bool]:
+        """Push tokens of the active rows to the tracker and the histories."""
+        tracker = self.req.tracker
+        before = [len(tracker.tokens[r]) for r in tracker.active]
+        active = list(tracker.active)
+        finished = tracker.push(tokens)
+        for i, row in enumerate(active):
+            self.rows[i].extend(tokens[i])
+            if self.trace is not None:
+                kept = len(tracker.tokens[row]) - before[i]
+                self.trace[row].extend(zip(tokens[i][:kept], kinds[i][:kept]))
+        return finished
+
+    def drop_finished(self, finished: list[bool]) -> None:
+        keep = self.req.tracker.drop_finished(finished)
+        if keep is None or self.req.tracker.done:
+            return
+        self.state.select_rows(keep)
+        self.drafter.select_rows(keep)
+        self.policy.select_rows(keep)
+        self.rows = [self.rows[i] for i in keep.tolist()]
+        self.last = self.last.index_select(0, keep.to(self.last.device))
+
+    def maybe_compact(self) -> None:
+        maybe_compact(self.state)
+
+
+def _start(run: _Run, first_target: bool) -> None:
+    """Prefill the target; with ``first_target`` it also emits the first token."""
+    req = run.req
+    if first_target:
+        run.state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask,
+                                               use_cache=req.use_cache)
+        req.tracker.count_forward()
+        run.last = req.sample(logits[:, -1])  # [B]
+        return
+    ids, mask = req.input_ids, req.attention_mask
+    run.state = prefill_context(req.model, ids[:, :-1], mask[:, :-1], req.use_cache)
+    if ids.shape[1] > 1:
+        req.tracker.count_forward()
+    run.last = ids[:, -1]  # the prompt's last token is verified together with the first drafts
+
+
+def _cap(draft: Draft, limits: Tensor) -> Draft:
+    """Drafts beyond each row's budget ``limits [B]`` are not drafts."""
+    drafted = torch.minimum(draft.drafted.to(limits.device), limits)
+    return replace(draft, drafted=drafted)
+
+
+def _target_probs(run: _Run, draft: Draft) -> Tensor:
+    """ONE target forward over ``[last, drafts]`` -> ``p [B, k+1, V]`` (processed)."""
+    state = run.state
+    k = draft.k
+    device = state.ids.device
+    tokens = torch.cat([run.last[:, None].to(device), draft.tokens.to(device).clamp_min(0)], dim=1)
+    real = torch.arange(k + 1, device=device)[None, :] <= draft.drafted.to(device)[:, None]  # [B, k+1]
+    logits = state.extend(tokens, token_mask=real.long())  # [B, k+1, V]
+    return run.req.processor(logits)
+
+
+def _emitted(draft: Draft, result: VerifyResult) -> tuple[list[list[int]], list[list[str]]]:
+    """Per row: accepted drafts + the recovered/bonus token, and what each token is."""
+    drafts = draft.tokens.tolist()
+    accepted = result.accepted.tolist()
+    drafted = draft.drafted.tolist()
+    nxt = result.next_tokens.tolist()
+    tokens, kinds = [], []
+    for b, a in enumerate(accepted):
+        tokens.append(drafts[b][:a] + [nxt[b]])
+        last_kind = "recovered" if a < drafted[b] else ("bonus" if drafted[b] else "target")
+        kinds.append(["draft"] * a + [last_kind])
+    return tokens, kinds
+
+
+def _step(run: _Run, skip_sample_adjustment: bool) -> None:
+    req, drafter = run.req, run.drafter
+    limits = run.policy.choose(run.rows).to(torch.long)  # [B] draft budget per row
+    k = int(limits.max()) if limits.numel() else 0
+    draft = drafter.propose(run.rows, k) if k > 0 else Draft.empty(len(run.rows), limits.device)
+    draft = _cap(draft, limits.to(draft.drafted.device))
+    p = _target_probs(run, draft)  # [B, k+1, V]
+    req.tracker.count_forward()
+    result = verify(p, draft.tokens.to(p.device), draft.drafted, draft.q,
+                    greedy=req.processor.is_greedy, generator=req.generator,
+                    skip_sample_adjustment=skip_sample_adjustment)
+    run.state.rollback(draft.k - result.accepted)  # keep [last, accepted drafts]
+    drafter.update(draft, result, p)
+    run.policy.observe(draft.drafted, result.accepted)
+    req.tracker.record_verify(draft.drafted.tolist(), result.accepted.tolist())
+    tokens, kinds = _emitted(draft, result)
+    run.last = result.next_tokens
+    finished = run.emit(tokens, kinds)
+    run.drop_finished(finished)
+    if not req.tracker.done:
+        run.maybe_compact()
+
+
+@torch.inference_mode()
+def speculative_loop(
+    req: DecodeRequest,
+    drafter: Drafter,
+    policy: DraftPolicy | int = 5,
+    *,
+    first_target: bool = True,
+    skip_sample_adjustment: bool = False,
+    show_drafts: bool = False,
+) -> GenerationOutput:
+    """THE speculative decoding loop (see the module docstring) for any ``Drafter``.
+
+    ``policy``: a ``DraftPolicy`` or an int (fixed number of drafts per step).
+    ``show_drafts`` (or ``req.debug``): ``GenerationOutput.debug[row]`` is the list of
+    ``(token, kind)`` of the row's emitted tokens, kind one of ``"draft"`` (accepted draft),
+    ``"recovered"`` (target token after a rejection), ``"bonus"`` (target token after all
+    drafts were accepted), ``"target"`` (target token with no drafts to verify);
+    ``decodekit.visual.render_drafts`` shows it.
+    """
+    if isinstance(policy, int):
+        policy = make_policy("fixed", gamma=policy)
+    run = _Run(req, drafter, policy, trace=show_drafts or req.debug)
+    _start(run, first_target)
+    drafter.prefill(req)
+    policy.start(req, drafter)
+    if first_target:
+        first = run.last.tolist()
+        finished = run.emit([[t] for t in first], [["target"]] * len(first))
+        run.drop_finished(finished)
+    while not req.tracker.done:
+        _step(run, skip_sample_adjustment)
+    return req.tracker.result(debug=run.trace)
+
+
+# ---------------------------------------------------------------------------- draft model
+def _right_aligned(pending: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Ragged token lists -> ``tokens [B, P]`` right aligned, ``mask [B, P]`` (0 in front)."""
+    width = max(1, max(len(p) for p in pending))
+    tokens = torch.full((len(pending), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(pending), width), dtype=torch.long)
+    for b, row in enumerate(pending):
+        if row:
+            tokens[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[b, width - len(row):] = 1
+    return tokens, mask
+
+
+class ModelDrafter(Drafter):
+    """A causal LM with the target's vocabulary drafting autoregressively with its own cache.
+
+    The drafter cache holds ``seen[b]`` tokens of row ``b``'s history. Tokens of the
+    history it has not consumed (the prompt's last token at first; later the target's
+    recovered/bonus token, and the last accepted draft, which was sampled but never fed)
+    are *pending*: the first draft forward feeds them all at once, right aligned with a
+    token mask, and its logits give the first draft. Drafts ``1..k-1`` are fed to draw
+    drafts ``2..k``; after verification the rejected ones are rolled back per row.
+    """
+
+    name = "model"
+
+    def __init__(self, model):
+        self.model = model
+        self.state: ModelState | None = None
+        self.seen: list[int] = []
+        self.fed = 0  # drafts fed to the drafter in the last propose
+        self._first: Tensor | None = None  # [B, V] logits for the first draft, if computed
+
+    def prefill(self, req: DecodeRequest) -> None:
+        self.req = req
+        ids, mask = req.input_ids.to(self.model.device), req.attention_mask.to(self.model.device)
+        self.state = prefill_context(self.model, ids[:, :-1], mask[:, :-1], req.use_cache)
+        if ids.shape[1] > 1:
+            req.tracker.count_forward(drafter=True)
+        self.seen = (mask.sum(-1) - 1).tolist()  # the prompt's last token is pending
+        self._first = None
+
+    def first_logits(self, rows: list[list[int]]) -> Tensor:
+        """Feed the pending tokens; logits ``[B, V]`` for the first draft (computed once)."""
+        if self._first is not None and all(len(r) == s for r, s in zip(rows, self.seen)):
+            return self._first
+        pending = [r[s:] for r, s in zip(rows, self.seen)]
+        tokens, mask = _right_aligned(pending, self.req.pad_token_id)
+        self._first = self.state.extend(tokens, token_mask=mask, logits_to_keep=1)[:, -1]
+        self.req.tracker.count_forward(drafter=True)
+        self.seen = [len(r) for r in rows]
+        return self._first
+
+    def _draw(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, V]`` logits -> ``q [B, V]`` (processed like p) and a draft ``[B]`` from it."""
+        proc = self.req.processor
+        q = proc(logits)
+        if proc.is_greedy:
+            return q, q.argmax(-1)
+        return q, proc.sample(q, generator=self.req.generator)
+
+    def propose(self, rows: list[list[int]], k: int) -> Draft:
+        logits = self.first_logits(rows)
+        self._first = None
+        qs, tokens = [], []
+        for i in range(k):
+            q, x = self._draw(logits)  # [B, V], [B]
+            qs.append(q)
+            tokens.append(x)
+            if i < k - 1:
+                logits = self.state.extend(x[:, None])[:, -1]
+                self.req.tracker.count_forward(drafter=True)
+        self.fed = max(k - 1, 0)
+        drafted = torch.full((len(rows),), k, dtype=torch.long, device=logits.device)
+        return Draft(torch.stack(tokens, 1), drafted, torch.stack(qs, 1))
+
+    def update(self, draft: Draft, result: VerifyResult, p: Tensor) -> None:
+        kept = result.accepted.clamp(max=self.fed)  # [B] fed drafts that were accepted
+        self.state.rollback(self.fed - kept)
+        self.seen = [s + int(n) for s, n in zip(self.seen, kept.tolist())]
+        self.fed = 0
+        maybe_compact(self.state)
+
+    def select_rows(self, index: Tensor) -> None:
+        self.state.select_rows(index)
+        self.seen = [self.seen[i] for i in index.tolist()]
+        if self._first is not None:
+            self._first = self._first.index_select(0, index.to(self._first.device))
+
+    def step_cost(self, batch: int) -> float:
+        from decodekit.strategies.draft_policy import forward_cost_curve
+
+        return forward_cost_curve(self.model, batch)(batch)
+
+
+def early_exit_model(model, num_layers: int):
+    """A view of ``model`` running only its first ``num_layers`` decoder layers, then its own
+    final norm and LM head (self-speculative drafting). Shares every weight: no copy.
+    """
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise DecodeKitError(
+            f"drafter 'layers:N' needs a decoder with .model.layers; {type(model).__name__} has none"
+        )
+    check_int("drafter layers:N", num_layers, min_value=1, max_value=len(layers) - 1)
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:num_layers]
+    short = copy.copy(decoder)
+    short._modules = dict(decoder._modules)
+    short._modules["layers"] = nn.ModuleList(list(layers)[:num_layers])
+    short.config = config
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view._modules["model"] = short
+    view.config = config
+    return view.eval()
+
+
+# ---------------------------------------------------------------------------- options
+def _vocab(model) -> int:
+    from decodekit.api import _vocab_size
+
+    return _vocab_size(model)
+
+
+def _check_tokenizers(target_tok, draft_tok) -> None:
+    if target_tok is None or draft_tok is None:
+        return
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise DecodeKitError("drafter's tokenizer differs from the target's: speculation needs "
+                             "the same vocabulary (same token ids)")
+
+
+def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
+    """``drafter``: a ``Drafter``, a causal LM, ``"layers:N"`` or a model spec for
+    ``load_model`` (bundled name, directory, .gguf). Checks vocabulary and device."""
+    if isinstance(drafter, Drafter):
+        return drafter
+    if isinstance(drafter, str):
+        match = re.fullmatch(r"layers:(\d+)", drafter.strip())
+        if match:
+            return ModelDrafter(early_exit_model(req.model, int(match.group(1))))
+        if drafter.startswith("layers"):
+            raise DecodeKitError(f"drafter {drafter!r}: write layers:N with N a number of layers")
+        from decodekit.models import load_model
+
+        dtype = next(req.model.parameters()).dtype
+        model, tokenizer = load_model(drafter, dtype=dtype, device=str(req.model.device))
+        _check_tokenizers(req.tokenizer, tokenizer)
+        drafter = model
+    if not isinstance(drafter, nn.Module) or not hasattr(drafter, "config"):
+        raise DecodeKitError(
+            f"drafter must be a causal LM, 'layers:N' or a model name/path; got {type(drafter).__name__}"
+        )
+    target_vocab, draft_vocab = _vocab(req.model), _vocab(drafter)
+    if target_vocab != draft_vocab:
+        raise DecodeKitError(
+            f"drafter vocabulary ({draft_vocab} tokens) differs from the target's ({target_vocab}): "
+            "speculation needs the same tokenizer"
+        )
+    if drafter.device != req.model.device:
+        raise DecodeKitError(f"drafter is on {drafter.device}, the target on {req.model.device}: "
+                             "put both on the same device")
+    drafter.eval()
+    return ModelDrafter(drafter)
+
+
+def decode(
+    req: DecodeRequest,
+    *,
+    drafter,
+    gamma: int = 5,
+    draft_policy: str = "fixed",
+    gamma_min: int = 1,
+    gamma_max: int | None = None,
+    egag_ema_beta: float = 0.0,
+    first_target: bool = True,
+    skip_sample_adjustment: bool = False,
+    show_drafts: bool = False,
+) -> GenerationOutput:
+    """Speculative decoding with a draft model (strategy ``"speculative"``).
+
+    ``drafter``: a causal LM with the target's vocabulary, a model name/path for
+    ``load_model``, or ``"layers:N"`` (self-speculative: the target's first N layers + its
+    head, sharing weights). ``gamma`` drafts per step with ``draft_policy="fixed"``;
+    ``"egag"`` / ``"cost"`` choose between ``gamma_min`` and ``gamma_max`` (default
+    ``gamma``). ``skip_sample_adjustment=True`` resamples from p on rejection: LOSSY.
+    """
+    policy = make_policy(draft_policy, gamma=gamma, gamma_min=gamma_min, gamma_max=gamma_max,
+                         egag_ema_beta=egag_ema_beta)
+    check_choice("first_target", first_target, [True, False])
+    check_choice("skip_sample_adjustment", skip_sample_adjustment, [True, False])
+    check_choice("show_drafts", show_drafts, [True, False])
+    check_float("egag_ema_beta", egag_ema_beta)
+    if drafter is None:
+        raise DecodeKitError("strategy 'speculative' needs drafter=... (a model, a model name, or layers:N)")
+    drafter = resolve_drafter(drafter, req)
+    if draft_policy == "egag" and not hasattr(drafter, "first_logits"):
+        raise DecodeKitError("draft_policy 'egag' needs a draft model (it reads the drafter's entropy)")
+    return speculative_loop(req, drafter, policy, first_target=first_target,
+                            skip_sample_adjustment=skip_sample_adjustment, show_drafts=show_drafts)
+
+
+def speculative_generate(
+    inputs: list[int],
+    drafter,
+    target,
+    tokenizer=None,
+    gamma: int = 5,
+    use_egag: bool = False,
+    gamma_min: int = 1,
+    gamma_max: int | None = None,
+    egag_ema_beta: float = 0.0,
+    logits_processor=None,
+    max_gen_len: int = 40,
+    eos_tokens_id: int | list[int] = 1,
+    pad_token_id: int = 0,
+    use_cache: bool = False,
+    skip_sample_adjustment: bool = False,
+    first_target: bool = True,
+    debug: bool = False,
+) -> tuple[list[int], float]:
+    """Seed API: one prompt (token ids) -> (generated ids, acceptance rate).
+
+    ``logits_processor`` defaults to ``GreedyProcessor()``; ``use_egag`` selects the EGAG
+    policy. The acceptance rate is accepted / drafted (0.0 when nothing was drafted).
+    """
+    from decodekit.api import generate
+    from decodekit.processors import GreedyProcessor
+
+    out = generate(
+        target, [list(inputs)], strategy="speculative", drafter=drafter, tokenizer=tokenizer,
+        gamma=gamma, draft_policy="egag" if use_egag else "fixed", gamma_min=gamma_min,
+        gamma_max=gamma_max, egag_ema_beta=egag_ema_beta,
+        logits_processor=logits_processor if logits_processor is not None else GreedyProcessor(),
+        max_new_tokens=max_gen_len, eos_token_id=eos_tokens_id, pad_token_id=pad_token_id,
+        use_cache=use_cache, skip_sample_adjustment=skip_sample_adjustment, first_target=first_target,
+        debug=debug,
+    )
+    return out.sequences[0], out.stats[0].acceptance_rate
