@@ -124,6 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          help="decode exactly max_new_tokens per row (fixed-length throughput)")
     flag("no_transformers", action="store_true", help="skip transformers' generate() runs")
     flag("threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    flag("clock", default="wall", help="wall | cpu: cpu = this process's CPU seconds, steadier on a "
+                                       "shared machine with --threads 1 (default wall)")
     flag("device", default="cpu", help="cpu | cuda (default cpu)")
     flag("output_dir", default="bench-results", help="where report.md, results.json, plots go")
     flag("quick", action="store_true", help="same as --preset quick (under 3 minutes)")
@@ -144,6 +146,7 @@ class BenchConfig:
     ignore_eos: bool
     transformers: bool
     threads: int | None
+    clock: str
     device: str
     output_dir: Path
     preset: str
@@ -190,6 +193,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
     if output_dir.exists() and not output_dir.is_dir():
         raise DecodeKitError(f"output_dir {str(output_dir)!r} is a file; give a directory")
     check_choice("device", args.device, ["cpu", "cuda"])
+    check_choice("clock", args.clock, ["wall", "cpu"])
     if args.threads is not None:
         check_int("threads", args.threads, min_value=1)
     batch_sizes = _int_list("batch_sizes", value["batch_sizes"], 1)
@@ -209,6 +213,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         ignore_eos=bool(value["ignore_eos"]),
         transformers=not args.no_transformers,
         threads=args.threads,
+        clock=args.clock,
         device=args.device,
         output_dir=output_dir,
         preset=preset,
@@ -536,16 +541,17 @@ def measure(ctx: Context, run: Run, first_trial: bool) -> None:
     """Time one run over every batch of its batch size; append one trial."""
     call = CALLS[run.impl]
     model = ctx.models[run.dtype]
+    clock = time.process_time if ctx.cfg.clock == "cpu" else time.perf_counter
     trial = {"seconds": 0.0, "tokens": 0, "suites": {}}
     sequences = []
     with PeakMemory(ctx.cfg.device) as mem:
         for batch in ctx.batches[run.batch_size]:
             with ForwardCounter(model) as counter:
                 _sync(ctx.cfg.device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 rows, stats = call(ctx, run, batch, ctx.cfg.max_new_tokens)
                 _sync(ctx.cfg.device)
-                seconds = time.perf_counter() - t0
+                seconds = clock() - t0
             tokens = sum(len(r) for r in rows)
             trial["seconds"] += seconds
             trial["tokens"] += tokens

@@ -127,9 +127,10 @@ def render_report(results: dict) -> str:
     lines += [
         f"- prompts: {prompts} (chat template), max_new_tokens {cfg['max_new_tokens']}, "
         f"{cfg['trials']} interleaved trials, " + ("EOS ignored (fixed length)" if cfg["ignore_eos"]
-                                                   else "rows stop at EOS"),
+                                                   else "rows stop at EOS")
+        + (", timed in process CPU seconds (--clock cpu)" if cfg.get("clock") == "cpu" else ""),
         f"- wall time: {results.get('wall_seconds', 0):.0f} s", "",
-        "tokens/s = new tokens / wall seconds over every prompt (median of the trials, "
+        "tokens/s = new tokens / seconds over every prompt (median of the trials, "
         "min–max in brackets). x greedy / x transformers: tokens/s ratio to our greedy / to "
         "transformers' equivalent call (same dtype and batch). x floor: how many times the "
         "bare forward loop's ms/token this run's ms/token is. fwd/token: target-model "
