@@ -14,7 +14,8 @@ The scoring distribution: ``log_softmax(top_p_filtering(logits / temperature, to
 so with ``temperature=1, top_p=1`` it is the model's own log-softmax; a token removed by
 top-p has log-probability ``-inf`` (a candidate outside the nucleus can never be chosen).
 ``temperature`` 0 or None means 1 (no scaling). A rollout that produces EOS has ended: its
-later terms count 0 (the candidate EOS itself has no rollout terms at all).
+later terms count 0 (the candidate EOS itself has no rollout terms at all). Since every
+term is <= 0, this favours candidates that end soon, as any sum of log-probs does.
 
 Cost: all ``B * top_k`` rollouts run as ONE batch sharing the context's KV cache
 (``ModelState.fork`` with a ``repeat_interleave`` index; the prefix is never recomputed).
@@ -27,7 +28,11 @@ not ``L + 1``; with ``L = 0`` it is plain greedy decoding, one forward per token
 What is not reused: the chosen candidate's greedy rollout ``c_1..c_L`` is also the next
 step's top-1 candidate and its rollout, but the other ``top_k - 1`` candidates need full
 rollouts anyway, so the step still takes ``L`` forwards; reusing it would only remove one
-row of ``top_k`` from a batch whose cost on CPU hardly depends on the row count.
+row of ``top_k`` from the batch (measured on the 2-core CPU with SmolLM2-135M: a cached
+one-token forward costs 139 ms for 1 row, 199 ms for 4, 232 ms for 5: about 15% saved, for
+ragged bookkeeping). The reuse that is done saves one ``B``-row forward per token, about
+one greedy step: EIS (L=3, top_k=5) measured 4.8x greedy's seconds per token (batch 1),
+so about 5.8x without it (estimate: + one greedy step).
 """
 
 from __future__ import annotations
