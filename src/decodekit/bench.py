@@ -466,6 +466,7 @@ class Context:
     batches: dict  # batch_size -> list[Batch]
     eos: list[int]
     pad: int
+    assistants: dict = field(default_factory=dict)  # dtype -> drafter model for transformers
 
 
 def _drafter_model(model, drafter: str):
@@ -500,7 +501,9 @@ def call_transformers(ctx: Context, run: Run, batch: Batch, max_new_tokens: int)
     kwargs = dict(run.options)
     extra = {}
     if kwargs.get("assistant_model") == DRAFTER:
-        extra["assistant_model"] = run.spec.setdefault("_assistant", _drafter_model(model, ctx.cfg.drafter))
+        if run.dtype not in ctx.assistants:
+            ctx.assistants[run.dtype] = _drafter_model(model, ctx.cfg.drafter)
+        extra["assistant_model"] = ctx.assistants[run.dtype]
         extra["assistant_model"].generation_config.update(
             num_assistant_tokens=kwargs.pop("num_assistant_tokens"),
             num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
@@ -724,11 +727,11 @@ def run_bench(cfg: BenchConfig, models: dict, tokenizer, model_name: str) -> tup
 
 
 def run_record(run: Run) -> dict:
+    """A run as plain JSON-able data (options holding objects are written as text)."""
     d = asdict(run)
-    d["spec"] = {k: v for k, v in run.spec.items() if not k.startswith("_")}
     d["key"] = run.key
-    d["entry"] = {k: (v if k != "options" else None) for k, v in asdict(ENTRY_BY_NAME[run.strategy]).items()} \
-        if run.strategy in ENTRY_BY_NAME else None
+    entry = ENTRY_BY_NAME.get(run.strategy)
+    d["lossless"] = bool(entry and entry.lossless)
     d["options"] = {k: (v if isinstance(v, int | float | str | bool) or v is None else repr(v))
                     for k, v in run.options.items()}
     return d
