@@ -331,6 +331,7 @@ def _plot_sweep(plt, summary, results):
     for name, pts in sweep.items():
         ax.plot([g for g, _ in pts], [s for _, s in pts], marker="o", label=name)
     ax.axhline(1.0, color="gray", linestyle="--", label="greedy (1.0x)")
+    ax.set_xticks(sorted({g for pts in sweep.values() for g, _ in pts}))
     ax.set_xlabel("draft length gamma (tokens per verify step)")
     ax.set_ylabel("speed-up over our greedy (x, tokens/s ratio)")
     swept = next(r for r in summary if r["swept"])
