@@ -2,6 +2,7 @@
 
 from decodekit.api import generate, generate_super, prepare_inputs
 from decodekit.cache import ModelState, left_pad, prune_cache
+from decodekit.io import encode_prompts, load_prompts
 from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, load_model
 from decodekit.ngram_storage import INgramStorage, NGramStorage, OneLevelNGramStorage
 from decodekit.outputs import GenerationOutput, RequestStats, RowTracker
@@ -19,7 +20,14 @@ from decodekit.processors import (
 from decodekit.quality import continuation_loglik, distinct_n, exact_match, normalize_answer
 from decodekit.strategies import STRATEGIES
 from decodekit.strategies.autoregressive import autoregressive_generate
+from decodekit.strategies.beam import beam_search_generate, format_beam_trace
 from decodekit.strategies.eis import ExtendedInferenceSampler, format_eis_trace
+from decodekit.strategies.refine import (
+    decode_jacobi,
+    decode_refine,
+    format_refine_trace,
+    iterative_generate,
+)
 from decodekit.strategies.speculative import Draft, Drafter, speculative_generate
 from decodekit.strategies.verify import max_fn
 from decodekit.validation import DecodeKitError
@@ -30,6 +38,8 @@ __all__ = [
     "generate",
     "generate_super",
     "prepare_inputs",
+    "encode_prompts",
+    "load_prompts",
     "load_model",
     "BUNDLED_MODELS",
     "DEFAULT_MODEL",
@@ -54,8 +64,14 @@ __all__ = [
     "Draft",
     "Drafter",
     "max_fn",
+    "beam_search_generate",
+    "format_beam_trace",
     "ExtendedInferenceSampler",
     "format_eis_trace",
+    "iterative_generate",
+    "decode_refine",
+    "decode_jacobi",
+    "format_refine_trace",
     "continuation_loglik",
     "distinct_n",
     "exact_match",

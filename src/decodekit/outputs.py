@@ -208,6 +208,10 @@ class RowTracker:
         stat.new_tokens = len(out)
         return kept
 
+    def hits_stop_string(self, tokens: list[int]) -> bool:
+        """Does one of the stop strings appear at the end of the text of ``tokens``? (False if none.)"""
+        return bool(self.stop_strings) and self._hit_stop_string(tokens)
+
     def _hit_stop_string(self, out: list[int]) -> bool:
         longest = max(len(s) for s in self.stop_strings)
         tail = self.tokenizer.decode(out[-(longest + 8) :], skip_special_tokens=False)

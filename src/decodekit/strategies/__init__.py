@@ -11,8 +11,13 @@ import importlib
 STRATEGIES: dict[str, str] = {
     "greedy": "decodekit.strategies.autoregressive:decode",
     "sample": "decodekit.strategies.autoregressive:decode",
+    "beam": "decodekit.strategies.beam:decode",
     "eis": "decodekit.strategies.eis:decode",
+    "refine": "decodekit.strategies.refine:decode_refine",
+    "jacobi": "decodekit.strategies.refine:decode_jacobi",
     "speculative": "decodekit.strategies.speculative:decode",
+    "ngram": "decodekit.strategies.ngram:decode",
+    "prompt_lookup": "decodekit.strategies.ngram:decode_prompt_lookup",
 }
 
 
