@@ -56,7 +56,7 @@ def prepare_inputs(
         else:
             mask = attention_mask.reshape(ids.shape).long()
         rows = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
-        needs_realign = bool((mask[:, -1] == 0).any()) or bool(
+        needs_realign = ids.shape[1] == 0 or bool((mask[:, -1] == 0).any()) or bool(
             (mask[:, :-1] > mask[:, 1:]).any()
         )
     else:

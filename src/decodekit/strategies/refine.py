@@ -1,0 +1,327 @@
+"""Iterative block refinement (the seed's ``iterative_generate``) and Jacobi decoding.
+
+Both fill a *block* of ``n`` future positions in parallel. The block starts as ``n``
+placeholder tokens (EOS, as in the seed). One *pass* feeds the committed sequence's last
+token followed by the block's current guesses and takes the argmax at every position (the
+next-token shift: the logits at position ``i`` predict position ``i + 1``), which gives a
+new iterate of the whole block::
+
+    fed:       x_last  g_1  g_2 ... g_{n-1}          (g_n is never fed: nothing reads it)
+    iterate:   y_1     y_2  y_3 ... y_n              y_i = argmax p(. | x, g_<i)
+
+``y_1`` is always the greedy token. If the guess ``g_i`` equals the new ``y_i`` it was
+already right, so ``y_{i+1}`` was computed from a correct context too: after each pass the
+leading ``accepted + 1`` positions (``accepted`` = leading guesses confirmed, counted by the
+shared ``verify``) have *converged* and never change again. They are committed to the KV
+cache and only the open tail of the block is fed on the next pass.
+
+* **Jacobi decoding** (``strategy="jacobi"``, ``refine_iter="converge"``): iterate each
+  block until all its positions have converged. Token-identical to greedy decoding; each
+  pass commits at least one token, so a block takes at most ``n`` passes.
+* **Seed refinement** (``strategy="refine"``, ``refine_iter=r``): block of
+  ``add_eos_length + 1`` positions, at most ``r`` passes; after pass ``r`` the block's
+  iterate is taken as it stands, converged or not. That is the seed's update rule (pass 1
+  writes ``add_eos_length`` predictions over the placeholders and appends the last one,
+  later passes overwrite the block; the prefix never changes) - committing converged
+  positions early only skips work whose result is known. It is meant for models trained to
+  fill blocks; on a plain causal LM it is LOSSY: positions that had not converged after
+  ``r`` passes are guesses made from a wrong context (``debug[row]["unconverged_tokens"]``
+  counts them).
+
+The prompt's KV cache is computed once (by the first pass); each pass re-runs only the
+block's open positions. Rows of a batch move independently (ragged rows are right-aligned,
+so every row's block window ends at the last column); a row that reaches EOS, its token
+budget or ``max_length`` leaves the batch and the others continue.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from decodekit.cache import ModelState
+from decodekit.processors import GreedyProcessor
+from decodekit.strategies.base import DecodeRequest, drop_finished
+from decodekit.strategies.verify import verify
+from decodekit.validation import DecodeKitError, check_int
+
+__all__ = ["decode_refine", "decode_jacobi", "iterative_generate", "format_refine_trace"]
+
+log = logging.getLogger(__name__)
+
+CONVERGE = "converge"
+
+
+# ---------------------------------------------------------------------------- per-row state
+@dataclass
+class _RowBlock:
+    """One row's decoding state: committed tokens not yet cached, and its current block."""
+
+    row: int  # the caller's row number
+    left: int  # tokens this row may still emit (max_new_tokens, max_length)
+    pending: list[int]  # committed tokens not in the KV cache yet (>= 1; the prompt at first)
+    emitted: int = 0  # tokens committed so far
+    block: int = -1  # index of the current block
+    size: int = 0  # positions in the current block
+    committed: list[int] = field(default_factory=list)  # the block's converged positions
+    guesses: list[int] = field(default_factory=list)  # current iterate of its open positions
+    passes: int = 0  # passes spent on the current block
+    iterations: list[int] = field(default_factory=list)  # passes each block took
+    unconverged: int = 0  # tokens committed without having converged (lossy refine)
+    trace: list[dict] = field(default_factory=list)  # debug: one entry per pass
+
+    def start_block(self, block_size: int, placeholder: int) -> None:
+        self.block += 1
+        self.size = min(block_size, self.left)
+        self.committed, self.guesses, self.passes = [], [placeholder] * self.size, 0
+
+    def close(self) -> None:
+        if self.passes:
+            self.iterations.append(self.passes)
+            self.passes = 0
+
+    def debug_record(self, with_trace: bool) -> dict:
+        record = {"block_iterations": self.iterations, "unconverged_tokens": self.unconverged}
+        if with_trace:
+            record["passes"] = self.trace
+        return record
+
+
+# ---------------------------------------------------------------------------- one pass
+def _pass_inputs(rows: list[_RowBlock], filler: int) -> Tensor:
+    """``[B, W]``: each row's pending tokens + open guesses (the last guess is never fed),
+    left-aligned and filled up to ``W`` with ``filler`` tokens. The fillers are real
+    tokens (mask 1) after everything that matters, rolled back after the pass: no row has
+    a masked gap, which sliding-window attention would count as context."""
+    fed = [r.pending + r.guesses[:-1] for r in rows]
+    width = max(len(f) for f in fed)
+    return torch.tensor([f + [filler] * (width - len(f)) for f in fed], dtype=torch.long)
+
+
+def _block_window(logits: Tensor, start: Tensor) -> Tensor:
+    """``logits [B, K, V]`` of the last ``K`` fed columns -> ``[B, K, V]`` starting at row
+    ``b``'s first block position ``start[b]`` (an index into the kept columns)."""
+    width = logits.shape[1]
+    j = torch.arange(width, device=logits.device)
+    idx = (start[:, None] + j[None, :]).clamp(max=width - 1)  # [B, K]
+    return logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def _guess_tensor(rows: list[_RowBlock], width: int, device) -> Tensor:
+    """``[B, width]`` the fed guesses (the drafts being checked), padded with -1."""
+    out = torch.full((len(rows), width), -1, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        fed = r.guesses[:-1]
+        if fed:
+            out[b, : len(fed)] = torch.tensor(fed, dtype=torch.long, device=device)
+    return out
+
+
+def _refine_pass(state: ModelState, rows: list[_RowBlock], filler: int) -> tuple[Tensor, Tensor, int]:
+    """Run one pass; returns the new iterates ``[B, M]`` (row ``b``'s open positions first),
+    ``accepted [B]`` (the leading fed guesses the model confirmed) and the columns fed."""
+    ids = _pass_inputs(rows, filler)  # [B, W]
+    fed = ids.shape[1]
+    device = state.ids.device
+    open_ = torch.tensor([len(r.guesses) for r in rows], device=device)  # [B] block positions
+    first = torch.tensor([len(r.pending) - 1 for r in rows], device=device)  # [B] their first column
+    keep = fed - int(first.min())  # logits of the columns from the earliest block start on
+    logits = state.extend(ids, logits_to_keep=keep)  # [B, K, V]
+    window = _block_window(logits, first - (fed - keep))[:, : int(open_.max())]  # [B, M, V]
+    drafts = _guess_tensor(rows, window.shape[1] - 1, device)  # [B, M-1]
+    result = verify(GreedyProcessor()(window), drafts, open_ - 1, greedy=True)
+    return window.argmax(dim=-1), result.accepted, fed
+
+
+def _advance(r: _RowBlock, iterate: list[int], accepted: int, max_iterations: int | None,
+             debug: bool) -> tuple[list[int], int]:
+    """Commit what converged (everything, once the pass budget is spent); returns the
+    committed tokens and how many of the fed columns the row's KV cache keeps."""
+    r.passes += 1
+    forced = max_iterations is not None and r.passes >= max_iterations
+    n_open = len(iterate)
+    n_commit = n_open if forced else accepted + 1  # the token after the confirmed guesses is exact
+    if debug:
+        changed = [len(r.committed) + j for j in range(n_open) if iterate[j] != r.guesses[j]]
+        r.trace.append({"block": r.block, "pass": r.passes, "start": r.emitted - len(r.committed),
+                        "changed": changed, "converged": len(r.committed) + accepted + 1,
+                        "iterate": r.committed + iterate})
+    new = iterate[:n_commit]
+    r.unconverged += n_commit - (accepted + 1)
+    # The cache got pending + fed guesses (+ fillers); keep pending + the confirmed guesses.
+    # Committed tokens past them were computed from a stale context: re-fed as pending.
+    keep = len(r.pending) + accepted
+    r.pending = iterate[accepted:n_commit]
+    r.committed += new
+    r.guesses = iterate[n_commit:]
+    r.emitted += n_commit
+    r.left -= n_commit
+    return new, keep
+
+
+# ---------------------------------------------------------------------------- the loop
+def _uses_sliding_window(model) -> bool:
+    """Sliding-window attention counts cache columns, holes included."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "sliding_window", None) is None:
+        return False
+    types = getattr(cfg, "layer_types", None)
+    return types is None or any("sliding" in t for t in types)
+
+
+def _decode_blocks(req: DecodeRequest, block_size: int, max_iterations: int | None,
+                   max_length: int | None = None):
+    """Block refinement with ``block_size`` positions, at most ``max_iterations`` passes a
+    block (None: until converged, i.e. Jacobi decoding). Returns ``GenerationOutput``."""
+    if not req.processor.is_greedy:
+        raise DecodeKitError("refine/jacobi decoding is greedy only: drop temperature/top_k/top_p")
+    tracker = req.tracker
+    placeholder = req.eos_token_ids[0] if req.eos_token_ids else req.pad_token_id
+    prompts = [req.input_ids[b][req.attention_mask[b].bool()].tolist() for b in range(req.input_ids.shape[0])]
+    rows = []
+    for b, prompt in enumerate(prompts):
+        left = req.max_new_tokens if max_length is None else min(req.max_new_tokens, max_length - len(prompt))
+        rows.append(_RowBlock(row=b, left=left, pending=prompt))
+        rows[-1].start_block(block_size, placeholder)
+    # Nothing is cached yet: the first pass runs the prompt and the first block together.
+    state = ModelState(req.model, req.input_ids[:, :0], req.attention_mask[:, :0],
+                       DynamicCache() if req.use_cache else None, req.use_cache)
+    finished_rows: dict[int, dict] = {}
+    exact = max_iterations is None
+    sliding = _uses_sliding_window(req.model)
+    while not tracker.done:
+        iterate, accepted, fed = _refine_pass(state, rows, req.pad_token_id)
+        tracker.count_forward()
+        if exact:
+            tracker.record_verify([len(r.guesses) - 1 for r in rows], accepted.tolist())
+        new_tokens, forget = [], []
+        for b, r in enumerate(rows):
+            n_open = len(r.guesses)
+            new, keep = _advance(r, iterate[b, :n_open].tolist(), int(accepted[b]), max_iterations, req.debug)
+            new_tokens.append(new)
+            forget.append(fed - keep)
+            if not r.guesses:
+                r.close()
+                r.start_block(block_size, placeholder)
+        state.rollback(torch.tensor(forget))
+        finished = [f or r.left <= 0 for f, r in zip(tracker.push(new_tokens), rows)]
+        for r, f in zip(rows, finished):
+            if f:
+                r.close()
+                finished_rows[r.row] = r.debug_record(req.debug)
+        rows = [r for r, f in zip(rows, finished) if not f]
+        drop_finished(tracker, finished, [state])
+        if not tracker.done and state.holes() > (0 if sliding else state.batch_size * block_size):
+            state.compact()  # ragged rows leave holes: they cost attention work, and
+            # sliding-window attention would count them as context
+    debug = [finished_rows[b] for b in range(len(prompts))]
+    return tracker.result(debug=debug)
+
+
+# ---------------------------------------------------------------------------- strategies
+def check_refine_options(add_eos_length, refine_iter, max_length) -> int | None:
+    """Validate the seed's options; returns ``max_iterations`` (None = converge)."""
+    check_int("add_eos_length", add_eos_length, min_value=1)
+    check_int("max_length", max_length, min_value=2)
+    if refine_iter == CONVERGE:
+        return None
+    if isinstance(refine_iter, str):
+        raise DecodeKitError(f"refine_iter must be an integer >= 1 or {CONVERGE!r}, got {refine_iter!r}")
+    return check_int("refine_iter", refine_iter, min_value=1)
+
+
+def decode_refine(req: DecodeRequest, *, add_eos_length: int = 127, refine_iter: int | str = 2,
+                  max_length: int = 8192):
+    """The seed's iterative block refinement, greedy: blocks of ``add_eos_length + 1``
+    tokens, each refined by ``refine_iter`` passes (``"converge"``: until it stops changing,
+    which is Jacobi decoding). Rows stop at EOS, ``max_new_tokens`` or at ``max_length``
+    tokens in all (prompt included).
+
+    LOSSY on a plain causal LM when ``refine_iter`` is a number: tokens that had not
+    converged after ``refine_iter`` passes are kept as they are (the seed's design, for
+    models trained to fill blocks). ``debug[row]`` holds ``block_iterations`` (passes per
+    block) and ``unconverged_tokens``; with ``debug=True`` also ``passes``: per pass, the
+    block positions that changed (see ``format_refine_trace``).
+    """
+    max_iterations = check_refine_options(add_eos_length, refine_iter, max_length)
+    longest = int(req.attention_mask.sum(-1).max())
+    if longest >= max_length:
+        raise DecodeKitError(
+            f"prompt is {longest} tokens, at or over max_length={max_length}: raise max_length "
+            "or shorten the prompt"
+        )
+    return _decode_blocks(req, add_eos_length + 1, max_iterations, max_length)
+
+
+def decode_jacobi(req: DecodeRequest, *, block_size: int = 16, max_iterations: int | None = None):
+    """Jacobi decoding: guess ``block_size`` tokens, refine them in parallel until they reach
+    the fixed point, committing every leading position that has converged after each pass.
+
+    Token-identical to greedy decoding (``max_iterations=None``). Stats: ``forward_passes``
+    and ``tokens_per_forward``; acceptance stats count the confirmed guesses; ``debug[row]
+    ["block_iterations"]`` holds the passes each block took. ``max_iterations`` caps the
+    passes per block and keeps an unconverged block as it stands: lossy, like ``refine``.
+    On a model not trained for it expect about 1.0-1.1 tokens per forward: every pass costs
+    a block-wide forward, so it is usually slower than greedy.
+    """
+    check_int("block_size", block_size, min_value=1)
+    if max_iterations is not None:
+        check_int("max_iterations", max_iterations, min_value=1)
+    return _decode_blocks(req, block_size, max_iterations)
+
+
+# ---------------------------------------------------------------------------- seed API
+def iterative_generate(model, input_ids: Tensor, attention_mask: Tensor | None = None,
+                       max_new_tokens: int = 1024, add_eos_length: int = 127,
+                       refine_iter: int | str = 2, max_length: int = 8192,
+                       eos_token_id: int | list[int] | None = None,
+                       pad_token_id: int | None = None) -> Tensor:
+    """Seed API: iterative block refinement of a batch of prompts (greedy).
+
+    ``input_ids``: ``[B, T]`` (or ``[T]``), left padded with ``attention_mask``. Returns what
+    the seed returns: the full sequences ``[B, T + L]``, each row its (left-padded) prompt
+    followed by its generated tokens, cut after the row's first generated EOS (kept) or at
+    ``max_new_tokens`` / ``max_length`` total tokens, and right-padded with ``pad_token_id``
+    (``L`` = the longest row's new tokens). See ``decode_refine`` for the algorithm;
+    ``refine_iter="converge"`` gives Jacobi decoding (= greedy). Lossy otherwise on a plain
+    causal LM. For stats and traces use ``decodekit.generate(..., strategy="refine")``.
+    """
+    from decodekit.api import _default_ids, generate, prepare_inputs
+
+    if pad_token_id is None:
+        pad_token_id = _default_ids(model)[1]
+        pad_token_id = 0 if pad_token_id is None else pad_token_id
+    ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id)
+    out = generate(model, ids, mask, strategy="refine", max_new_tokens=max_new_tokens,
+                   eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                   add_eos_length=add_eos_length, refine_iter=refine_iter, max_length=max_length)
+    width = max(len(s) for s in out.sequences)
+    new = torch.full((ids.shape[0], width), pad_token_id, dtype=torch.long)
+    for b, seq in enumerate(out.sequences):
+        new[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return torch.cat([ids.cpu(), new], dim=1)
+
+
+# ---------------------------------------------------------------------------- debug view
+def format_refine_trace(debug: list[dict], tokenizer=None) -> str:
+    """Text view of ``GenerationOutput.debug`` of refine/jacobi: per row and pass, the block
+    positions that changed (``[...]`` marks a changed token) and how many have converged."""
+    lines = []
+    for row, record in enumerate(debug):
+        iters = record.get("block_iterations", [])
+        lines.append(f"row {row}: {len(iters)} block(s), passes per block {iters}, "
+                     f"unconverged tokens kept {record.get('unconverged_tokens', 0)}")
+        for step in record.get("passes", []):
+            changed = set(step["changed"])
+            if tokenizer is None:
+                shown = " ".join(f"[{t}]" if i in changed else str(t) for i, t in enumerate(step["iterate"]))
+            else:
+                pieces = [tokenizer.decode([t]) for t in step["iterate"]]
+                shown = "".join(f"[{p}]" if i in changed else p for i, p in enumerate(pieces))
+            lines.append(f"  block {step['block']} pass {step['pass']}: {len(changed)} changed, "
+                         f"{step['converged']}/{len(step['iterate'])} converged | {shown!r}")
+    return "\n".join(lines)
