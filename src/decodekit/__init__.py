@@ -22,6 +22,12 @@ from decodekit.strategies import STRATEGIES
 from decodekit.strategies.autoregressive import autoregressive_generate
 from decodekit.strategies.beam import beam_search_generate, format_beam_trace
 from decodekit.strategies.eis import ExtendedInferenceSampler, format_eis_trace
+from decodekit.strategies.ngram import (
+    AcceptanceGate,
+    NgramDrafter,
+    PromptLookupDrafter,
+    ngram_assisted_speculative_generate,
+)
 from decodekit.strategies.refine import (
     decode_jacobi,
     decode_refine,
@@ -80,4 +86,8 @@ __all__ = [
     "INgramStorage",
     "NGramStorage",
     "OneLevelNGramStorage",
+    "ngram_assisted_speculative_generate",
+    "NgramDrafter",
+    "PromptLookupDrafter",
+    "AcceptanceGate",
 ]

@@ -93,6 +93,12 @@ class INgramStorage(abc.ABC):
     def next_token(self, ctx) -> tuple[int, bool]:
         """Most likely token after ``ctx``; ``known`` is False when no order knows it."""
 
+    def lookup(self, ctx) -> tuple[int, int]:
+        """``(token, order)``: the prediction and the order of the n-gram that made it
+        (0 when no order knows the context). Drafters use the order as evidence strength."""
+        token, known = self.next_token(ctx)
+        return token, (self.n if known else 0)
+
     @abc.abstractmethod
     def has_gram(self, ngram) -> bool:
         """Whether ``ngram[-1]`` was counted after the context ``ngram[:-1]``."""
@@ -141,12 +147,16 @@ class NGramStorage(INgramStorage):
         self.unigrams = _Counts()
 
     def next_token(self, ctx) -> tuple[int, bool]:
+        token, order = self.lookup(ctx)
+        return token, order > 0
+
+    def lookup(self, ctx) -> tuple[int, int]:
         tokens = _as_tokens(ctx, self.n - 1)
         for order in range(min(self.n, len(tokens) + 1), 1, -1):
             counts = self.levels[order].get(tuple(tokens[len(tokens) - order + 1 :]))
             if counts is not None:
-                return counts.best, True
-        return max(self.unigrams.best, 0), False
+                return counts.best, order
+        return max(self.unigrams.best, 0), 0
 
     def has_gram(self, ngram) -> bool:
         tokens = _as_tokens(ngram, self.n)

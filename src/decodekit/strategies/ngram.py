@@ -1,0 +1,442 @@
+"""Drafting without a draft model: n-gram counts (NASD) and prompt lookup.
+
+Both drafters are deterministic (``q = None``): the target verifies their drafts in the one
+speculative loop (``speculative.speculative_loop``) with the shared rejection sampler, which
+accepts a draft ``x`` with probability ``p(x)`` and on rejection samples ``p`` without ``x``.
+Greedy output is therefore token-identical to greedy decoding, sampled output follows ``p``.
+
+* **NASD** (n-gram assisted speculative decoding, strategy ``"ngram"``): each row owns an
+  ``NGramStorage`` initialised from its prompt. After every verify step the emitted tokens
+  (accepted drafts + the recovered/bonus token) are counted, and with ``filler_top_k > 1``
+  also the target's top-k tokens at each verified position. Drafts chain the storage's
+  predictions (backoff to the longest known context).
+* **Prompt lookup** (strategy ``"prompt_lookup"``): the longest suffix of the row's text
+  (``ngram_n`` tokens down to 1) that occurred before, anywhere in prompt + generated text;
+  the most recent occurrence wins; the tokens that followed it are the drafts (a match that
+  runs into the present continues periodically, which drafts repetitions in full).
+  transformers takes the *first* (oldest), shortest-first match instead.
+
+Adaptive drafting (``draft_policy="adaptive"``). Drafts cost target compute: on a CPU a
+forward over ``k + 1`` tokens is measurably slower than over 1. ``AcceptanceGate`` keeps, per
+row and per *evidence level* (prompt lookup: match length; NASD: n-gram order of the first
+draft), an estimate ``a`` of the per-token acceptance (accepted / (accepted + rejections),
+exponentially forgetting) and drafts the ``k`` that maximises ``E(k, a) / cost(k + 1)``
+(``expected_tokens`` and the measured ``forward_cost_curve`` of ``draft_policy.py``). ``k``
+may be 0: a plain decoding step. While a level is gated off, its would-be first draft is
+still compared with the token the target then emits ("shadow" verification, free), so the
+gate re-opens when the text starts to repeat the prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from decodekit.ngram_storage import INgramStorage, NGramStorage, update_many
+from decodekit.outputs import GenerationOutput
+from decodekit.strategies.base import DecodeRequest
+from decodekit.strategies.draft_policy import (
+    expected_tokens,
+    forward_cost_curve,
+    make_policy,
+)
+from decodekit.strategies.speculative import Draft, Drafter, prompt_rows, speculative_loop
+from decodekit.strategies.verify import VerifyResult
+from decodekit.validation import DecodeKitError, check_choice, check_int
+
+__all__ = [
+    "AcceptanceGate",
+    "NgramDrafter",
+    "PromptLookupDrafter",
+    "decode",
+    "decode_prompt_lookup",
+    "ngram_assisted_speculative_generate",
+    "prompt_lookup_candidates",
+]
+
+log = logging.getLogger(__name__)
+
+DRAFT_POLICIES = ("fixed", "adaptive", "cost")
+
+
+# ---------------------------------------------------------------------------- adaptive gate
+@dataclass
+class _Estimate:
+    """Forgetting counts of accepted drafts and rejections (prior: a = 1/2)."""
+
+    accepted: float = 1.0
+    rejected: float = 1.0
+
+    def add(self, accepted: int, rejected: int, decay: float) -> None:
+        self.accepted = decay * self.accepted + accepted
+        self.rejected = decay * self.rejected + rejected
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+
+class AcceptanceGate:
+    """Per-row, per-evidence-level draft length from measured acceptance (module docstring)."""
+
+    def __init__(self, gamma: int, decay: float = 0.8):
+        self.gamma, self.decay = gamma, decay
+        self.rows: list[dict[int, _Estimate]] = []
+        self.shadow: list[tuple[int, int, int] | None] = []  # (level, first draft, position)
+        self.cost: list[float] = []  # cost[k]: seconds of a forward over k + 1 tokens
+
+    def start(self, model, batch: int) -> None:
+        curve = forward_cost_curve(model, self.gamma + 1)
+        self.cost = [curve(k + 1) for k in range(self.gamma + 1)]
+        self.rows = [{} for _ in range(batch)]
+        self.shadow = [None] * batch
+
+    def estimate(self, row: int, level: int) -> _Estimate:
+        return self.rows[row].setdefault(level, _Estimate())
+
+    def budget(self, row: int, level: int, available: int) -> int:
+        """Drafts worth sending now (0..available) for a row whose evidence is ``level``."""
+        if available == 0:
+            return 0
+        a = self.estimate(row, level).rate
+        ks = range(min(available, self.gamma) + 1)
+        return max(ks, key=lambda k: expected_tokens(k, a) / self.cost[k])
+
+    def observe(self, row: int, level: int, drafted: int, accepted: int) -> None:
+        self.estimate(row, level).add(accepted, int(accepted < drafted), self.decay)
+
+    def check_shadow(self, row: int, history: list[int]) -> None:
+        """Score the first draft withheld last step against the token emitted instead."""
+        pending = self.shadow[row]
+        if pending is None:
+            return
+        level, token, position = pending
+        if position < len(history):
+            hit = int(history[position] == token)
+            self.estimate(row, level).add(hit, 1 - hit, self.decay)
+        self.shadow[row] = None
+
+    def withhold(self, row: int, level: int, token: int, position: int) -> None:
+        self.shadow[row] = (level, token, position)
+
+    def select_rows(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        self.shadow = [self.shadow[i] for i in keep]
+
+
+# ---------------------------------------------------------------------------- drafters
+class _DeterministicDrafter(Drafter):
+    """Shared part of the n-gram drafters: candidates per row -> ``Draft`` (q=None), the
+    optional adaptive gate, and per-row bookkeeping. Subclasses implement ``start_row``,
+    ``candidates(i, history, k) -> (level, tokens)`` and may override ``after_verify``."""
+
+    def __init__(self, gate: AcceptanceGate | None = None):
+        self.gate = gate
+        self.levels: list[int] = []  # evidence level of each row's last proposal
+        self.proposed_at: list[int] = []  # history length at the last proposal
+
+    def prefill(self, req: DecodeRequest) -> None:
+        rows = prompt_rows(req.input_ids, req.attention_mask)
+        for i, row in enumerate(rows):
+            self.start_row(i, row)
+        self.levels = [0] * len(rows)
+        self.proposed_at = [len(r) for r in rows]
+        if self.gate is not None:
+            self.gate.start(req.model, len(rows))
+
+    def start_row(self, i: int, prompt: list[int]) -> None:
+        raise NotImplementedError
+
+    def candidates(self, i: int, history: list[int], k: int) -> tuple[int, list[int]]:
+        raise NotImplementedError
+
+    def propose(self, rows: list[list[int]], k: int) -> Draft:
+        drafts = []
+        for i, history in enumerate(rows):
+            level, tokens = self.candidates(i, history, k)
+            self.levels[i] = level
+            self.proposed_at[i] = len(history)
+            drafts.append(self._gated(i, history, level, tokens))
+        return _as_draft(drafts)
+
+    def _gated(self, i: int, history: list[int], level: int, tokens: list[int]) -> list[int]:
+        if self.gate is None:
+            return tokens
+        self.gate.check_shadow(i, history)
+        n = self.gate.budget(i, level, len(tokens))
+        if n == 0 and tokens:
+            self.gate.withhold(i, level, tokens[0], len(history))
+        return tokens[:n]
+
+    def update(self, draft: Draft, result: VerifyResult, p: Tensor) -> None:
+        if self.gate is None:
+            return
+        for i, (n, a) in enumerate(zip(draft.drafted.tolist(), result.accepted.tolist(), strict=True)):
+            if n:
+                self.gate.observe(i, self.levels[i], n, a)
+
+    def select_rows(self, index: Tensor) -> None:
+        keep = index.tolist()
+        self.levels = [self.levels[i] for i in keep]
+        self.proposed_at = [self.proposed_at[i] for i in keep]
+        if self.gate is not None:
+            self.gate.select_rows(keep)
+        self.keep_rows(keep)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Subclasses: reindex their per-row state."""
+
+
+def _as_draft(drafts: list[list[int]]) -> Draft:
+    """Ragged per-row drafts -> ``Draft`` as wide as the longest (zero width: plain step)."""
+    width = max((len(d) for d in drafts), default=0)
+    tokens = torch.zeros((len(drafts), width), dtype=torch.long)
+    for b, d in enumerate(drafts):
+        if d:
+            tokens[b, : len(d)] = torch.tensor(d, dtype=torch.long)
+    drafted = torch.tensor([len(d) for d in drafts], dtype=torch.long)
+    return Draft(tokens, drafted)
+
+
+class NgramDrafter(_DeterministicDrafter):
+    """NASD: one n-gram storage per row, updated with every verified position."""
+
+    name = "ngram"
+
+    def __init__(self, storage: INgramStorage, *, filler_top_k: int = 3, stop_if_unknown: bool = False,
+                 gate: AcceptanceGate | None = None, share_storage: bool = False):
+        super().__init__(gate)
+        self.template = storage
+        self.filler_top_k = filler_top_k
+        self.stop_if_unknown = stop_if_unknown
+        self.share_storage = share_storage  # batch of one: use (and update) the caller's storage
+        self.storages: list[INgramStorage] = []
+        self.counted: list[int] = []  # history positions counted so far, per row
+        self.fillers: list[list[list[int]] | None] = []  # target top-k per verified position
+        self.proposed = False
+
+    def start_row(self, i: int, prompt: list[int]) -> None:
+        storage = self.template if self.share_storage else copy.deepcopy(self.template)
+        storage.initialize(prompt)
+        self.storages.append(storage)
+        self.counted.append(len(prompt))
+        self.fillers.append(None)
+
+    def count_new_tokens(self, i: int, history: list[int]) -> None:
+        """Count the tokens emitted since the last proposal (with their fillers)."""
+        start = self.counted[i]
+        if start < len(history):
+            update_many(self.storages[i], history, start, self.fillers[i])
+        self.counted[i] = len(history)
+        self.fillers[i] = None
+
+    def candidates(self, i: int, history: list[int], k: int) -> tuple[int, list[int]]:
+        self.count_new_tokens(i, history)
+        storage = self.storages[i]
+        level = storage.lookup(history[len(history) - storage.n + 1 :])[1]
+        if level == 0 and self.stop_if_unknown:
+            return 0, []
+        return level, storage.draft(history, k, stop_if_unknown=self.stop_if_unknown)
+
+    def propose(self, rows: list[list[int]], k: int) -> Draft:
+        self.proposed = True
+        return super().propose(rows, k)
+
+    def update(self, draft: Draft, result: VerifyResult, p: Tensor) -> None:
+        super().update(draft, result, p)
+        # fillers belong to the positions right after the last proposal: only if there was one
+        if self.filler_top_k > 1 and self.proposed:
+            self.fillers = _top_tokens(p, result.accepted, self.filler_top_k)
+        self.proposed = False
+
+    def keep_rows(self, keep: list[int]) -> None:
+        self.storages = [self.storages[i] for i in keep]
+        self.counted = [self.counted[i] for i in keep]
+        self.fillers = [self.fillers[i] for i in keep]
+
+
+def _top_tokens(p: Tensor, accepted: Tensor, k: int) -> list[list[list[int]]]:
+    """Target's top-``k`` tokens (probability > 0, best first) at each verified position:
+    ``p [B, k+1, V]`` -> per row, ``accepted[b] + 1`` lists. Under greedy ``p`` is one-hot,
+    so only the argmax (the emitted token) remains."""
+    width = int(accepted.max()) + 1
+    probs, idx = p[:, :width].topk(min(k, p.shape[-1]), dim=-1)  # [B, w, k]
+    probs, idx = probs.tolist(), idx.tolist()
+    out = []
+    for b, a in enumerate(accepted.tolist()):
+        out.append([[t for t, q in zip(idx[b][i], probs[b][i], strict=True) if q > 0] for i in range(a + 1)])
+    return out
+
+
+def prompt_lookup_candidates(index: list[dict], history: list[int], k: int) -> tuple[int, list[int]]:
+    """Longest suffix match (``len(index)`` tokens down to 1), most recent occurrence first.
+
+    ``index[m - 1]`` maps every ``m``-gram ending before the last token to the position of
+    its latest end. Returns ``(match length, up to k following tokens)``; ``(0, [])``
+    without a match. A match ending right before the suffix continues periodically.
+    """
+    n_hist = len(history)
+    for m in range(min(len(index), n_hist - 1), 0, -1):
+        end = index[m - 1].get(tuple(history[n_hist - m :]))
+        if end is None:
+            continue
+        out: list[int] = []
+        for j in range(k):
+            pos = end + 1 + j
+            out.append(history[pos] if pos < n_hist else out[pos - n_hist])
+        return m, out
+    return 0, []
+
+
+class PromptLookupDrafter(_DeterministicDrafter):
+    """Prompt lookup: drafts copied from the row's own text after the longest suffix match."""
+
+    name = "prompt_lookup"
+
+    def __init__(self, max_ngram: int = 3, gate: AcceptanceGate | None = None):
+        super().__init__(gate)
+        self.max_ngram = max_ngram
+        self.index: list[list[dict]] = []  # per row: m-gram -> latest end position
+        self.indexed: list[int] = []  # per row: positions whose n-grams are in the index
+
+    def start_row(self, i: int, prompt: list[int]) -> None:
+        self.index.append([{} for _ in range(self.max_ngram)])
+        self.indexed.append(0)
+
+    def extend_index(self, i: int, history: list[int]) -> None:
+        """Index the n-grams ending at positions ``indexed .. len - 2`` (not the suffix)."""
+        index = self.index[i]
+        for end in range(self.indexed[i], len(history) - 1):
+            for m in range(1, min(self.max_ngram, end + 1) + 1):
+                index[m - 1][tuple(history[end - m + 1 : end + 1])] = end
+        self.indexed[i] = max(self.indexed[i], len(history) - 1)
+
+    def candidates(self, i: int, history: list[int], k: int) -> tuple[int, list[int]]:
+        self.extend_index(i, history)
+        return prompt_lookup_candidates(self.index[i], history, k)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        self.index = [self.index[i] for i in keep]
+        self.indexed = [self.indexed[i] for i in keep]
+
+
+# ---------------------------------------------------------------------------- strategies
+def _model_vocab(model) -> int:
+    from decodekit.api import _vocab_size
+
+    return _vocab_size(model)
+
+
+def _check_common(ngram_n, gamma, draft_policy, show_drafts, first_target=True) -> None:
+    check_int("ngram_n", ngram_n, min_value=2)
+    check_int("gamma", gamma, min_value=1)
+    check_choice("draft_policy", draft_policy, DRAFT_POLICIES)
+    check_choice("show_drafts", show_drafts, [True, False])
+    check_choice("first_target", first_target, [True, False])
+
+
+def _policy_and_gate(draft_policy: str, gamma: int):
+    """``adaptive``: the gate decides per row (0..gamma); the loop's budget stays ``gamma``."""
+    if draft_policy == "adaptive":
+        return make_policy("fixed", gamma=gamma), AcceptanceGate(gamma)
+    return make_policy(draft_policy, gamma=gamma), None
+
+
+def decode(
+    req: DecodeRequest,
+    *,
+    ngram_n: int = 3,
+    gamma: int = 5,
+    filler_top_k: int = 3,
+    stop_if_unknown: bool = False,
+    first_target: bool = True,
+    draft_policy: str = "fixed",
+    show_drafts: bool = False,
+    storage: INgramStorage | None = None,
+) -> GenerationOutput:
+    """N-gram assisted speculative decoding (strategy ``"ngram"``), batched.
+
+    ``ngram_n``: largest n-gram order (orders 2..n, backoff); ``gamma``: drafts per step;
+    ``filler_top_k``: the target's top-k at each verified position also update the counts
+    (1: only emitted tokens); ``stop_if_unknown``: stop drafting at an unknown context;
+    ``draft_policy``: ``fixed`` | ``adaptive`` | ``cost``. ``storage``: an
+    ``INgramStorage`` to use instead of ``NGramStorage(ngram_n, vocab)``; each row drafts
+    from its own copy (a single row uses and updates the instance itself).
+    """
+    _check_common(ngram_n, gamma, draft_policy, show_drafts, first_target)
+    check_int("filler_top_k", filler_top_k, min_value=1)
+    check_choice("stop_if_unknown", stop_if_unknown, [True, False])
+    vocab = _model_vocab(req.model)
+    if storage is None:
+        storage = NGramStorage(ngram_n, vocab)
+    elif not isinstance(storage, INgramStorage):
+        raise DecodeKitError(f"storage must be an INgramStorage, got {type(storage).__name__}")
+    elif storage.vocab_size != vocab:
+        raise DecodeKitError(
+            f"n-gram storage vocab_size ({storage.vocab_size}) does not match the model's "
+            f"vocabulary ({vocab} tokens)"
+        )
+    policy, gate = _policy_and_gate(draft_policy, gamma)
+    drafter = NgramDrafter(storage, filler_top_k=filler_top_k, stop_if_unknown=stop_if_unknown,
+                           gate=gate, share_storage=req.input_ids.shape[0] == 1)
+    return speculative_loop(req, drafter, policy, first_target=first_target, show_drafts=show_drafts)
+
+
+def decode_prompt_lookup(
+    req: DecodeRequest,
+    *,
+    ngram_n: int = 3,
+    gamma: int = 5,
+    draft_policy: str = "adaptive",
+    show_drafts: bool = False,
+) -> GenerationOutput:
+    """Prompt lookup decoding (strategy ``"prompt_lookup"``), batched.
+
+    ``ngram_n``: longest suffix tried (down to 1 token); ``gamma``: at most this many
+    drafts copied per step; ``draft_policy``: ``adaptive`` (default: drafts only where the
+    measured acceptance pays for them; never much slower than greedy) | ``fixed`` | ``cost``.
+    """
+    _check_common(ngram_n, gamma, draft_policy, show_drafts)
+    policy, gate = _policy_and_gate(draft_policy, gamma)
+    return speculative_loop(req, PromptLookupDrafter(ngram_n, gate), policy, show_drafts=show_drafts)
+
+
+def ngram_assisted_speculative_generate(
+    inputs: list[int],
+    ngramstorage: INgramStorage,
+    target,
+    tokenizer=None,
+    gamma: int = 5,
+    filler_top_k: int = 3,
+    logits_processor=None,
+    max_gen_len: int = 40,
+    eos_tokens_id: int | list[int] = 1,
+    pad_token_id: int = 0,
+    use_cache: bool = False,
+    first_target: bool = True,
+    stop_if_unknown: bool = False,
+    debug: bool = False,
+) -> tuple[list[int], float]:
+    """Seed API: one prompt (token ids) -> (generated ids, acceptance rate).
+
+    ``ngramstorage`` is initialised with the prompt and updated as tokens are verified
+    (it keeps its counts afterwards). ``logits_processor`` defaults to ``GreedyProcessor()``.
+    The acceptance rate is accepted / drafted (0.0 when nothing was drafted).
+    """
+    from decodekit.api import generate
+    from decodekit.processors import GreedyProcessor
+
+    if not isinstance(ngramstorage, INgramStorage):
+        raise DecodeKitError(f"ngramstorage must be an INgramStorage, got {type(ngramstorage).__name__}")
+    out = generate(
+        target, [list(inputs)], strategy="ngram", storage=ngramstorage, ngram_n=ngramstorage.n,
+        tokenizer=tokenizer, gamma=gamma, filler_top_k=filler_top_k,
+        logits_processor=logits_processor if logits_processor is not None else GreedyProcessor(),
+        max_new_tokens=max_gen_len, eos_token_id=eos_tokens_id, pad_token_id=pad_token_id,
+        use_cache=use_cache, first_target=first_target, stop_if_unknown=stop_if_unknown, debug=debug,
+    )
+    return out.sequences[0], out.stats[0].acceptance_rate
