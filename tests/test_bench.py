@@ -61,7 +61,7 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path, monkeypatch, cap
 
 def test_presets_fill_in_and_flags_win(tmp_path):
     quick = bench.resolve_config(_args(["--quick", "--output_dir", str(tmp_path)]))
-    assert (quick.trials, quick.batch_sizes, quick.gammas) == (1, [1], [])
+    assert (quick.trials, quick.batch_sizes, quick.gammas, quick.num_prompts) == (1, [1], [], 1)
     quick5 = bench.resolve_config(_args(["--quick", "--trials", "5", "--output_dir", str(tmp_path)]))
     assert quick5.trials == 5
     found = bench.resolve_config(_args(["--preset", "foundation", "--output_dir", str(tmp_path)]))

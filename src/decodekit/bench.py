@@ -85,11 +85,11 @@ SUITE_CHOICES = [*SUITES, "all"]
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 
 # Settings a preset changes; anything given on the command line wins.
-DEFAULTS = dict(strategies=None, suite="all", num_prompts=3, batch_sizes="1,4", dtypes="float32",
-                trials=3, max_new_tokens=48, gammas="2,8", ignore_eos=False)
+DEFAULTS = dict(strategies=None, suite="all", num_prompts=2, batch_sizes="1,4", dtypes="float32",
+                trials=3, max_new_tokens=32, gammas="2,8", ignore_eos=False)
 PRESETS = {
     "default": {},
-    "quick": dict(num_prompts=2, batch_sizes="1", trials=1, max_new_tokens=24, gammas=""),
+    "quick": dict(num_prompts=1, batch_sizes="1", trials=1, max_new_tokens=24, gammas=""),
     # Issue 2's question: our greedy vs model.generate vs the bare floor, fixed lengths.
     "foundation": dict(strategies="greedy", suite="chat", num_prompts=8, batch_sizes="1,8",
                        dtypes="float32,bfloat16", max_new_tokens=32, gammas="", ignore_eos=True),
@@ -113,11 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("model", default=None, help="model name, HF dir or .gguf (default: the bundled model)")
     flag("strategies", default=None, help="comma list (default: every available strategy)")
     flag("suite", default=None, help=f"one of {', '.join(SUITE_CHOICES)} (default all)")
-    flag("num_prompts", type=int, default=None, help="prompts taken from each suite (default 3)")
+    flag("num_prompts", type=int, default=None, help="prompts taken from each suite (default 2)")
     flag("batch_sizes", default=None, help="comma list (default 1,4)")
     flag("dtypes", default=None, help="comma list of float32, bfloat16 (default float32)")
     flag("trials", type=int, default=None, help="interleaved trials (default 3)")
-    flag("max_new_tokens", type=int, default=None, help="default 48")
+    flag("max_new_tokens", type=int, default=None, help="default 32")
     flag("gammas", default=None, help="draft lengths swept at batch 1 (default 2,8; '' = none)")
     flag("drafter", default="layers:8", help="speculative drafter: layers:N or a model (default layers:8)")
     flag("ignore_eos", action="store_const", const=True, default=None,

@@ -271,7 +271,9 @@ def _plot_tokens_per_s(plt, summary, results):
     cells = sorted({(r["dtype"], r["batch_size"]) for r in rows})
     impls = ["decodekit", "transformers", "floor"]
     colors = {"decodekit": "tab:blue", "transformers": "tab:orange", "floor": "tab:gray"}
-    fig, axes = plt.subplots(len(cells), 1, figsize=(10, 3.6 * len(cells)), squeeze=False)
+    n_names = len({r["strategy"] for r in rows})
+    fig, axes = plt.subplots(len(cells), 1, figsize=(max(10, 1.2 * n_names), 3.8 * len(cells)), squeeze=False)
+    unit = "CPU-second" if results.get("config", {}).get("clock") == "cpu" else "s"
     for ax, (dtype, bs) in zip(axes[:, 0], cells, strict=False):
         cell = [r for r in rows if (r["dtype"], r["batch_size"]) == (dtype, bs)]
         names = list(dict.fromkeys(r["strategy"] for r in cell))
@@ -288,10 +290,10 @@ def _plot_tokens_per_s(plt, summary, results):
                 ax.bar(x + (i - (len(group) - 1) / 2) * width, y, width, yerr=err, capsize=3,
                        color=colors[impl], label=label)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names)
-        ax.set_ylabel("tokens / s (median, min–max)")
+        ax.set_xticklabels(names, rotation=20, ha="right")
+        ax.set_ylabel(f"tokens / {unit} (median, min–max)")
         ax.set_title(f"Decoding throughput, {dtype}, batch {bs}")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     axes[-1, 0].set_xlabel("strategy")
     fig.tight_layout()
@@ -312,8 +314,9 @@ def _plot_histogram(plt, summary, results):
         hist = {int(k): v for k, v in r["histogram"].items()}
         total = sum(hist.values())
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(width_max)]
+        gamma = f"gamma {r['gamma']}, " if r["gamma"] is not None else ""
         ax.bar(xs, [hist.get(j, 0) / total for j in range(width_max)], width,
-               label=f"{r['strategy']} (gamma {r['gamma']}, mean {_f(r['mean_accepted_length'], 2)} tokens/step)")
+               label=f"{r['strategy']} ({gamma}mean {_f(r['mean_accepted_length'], 2)} tokens/step)")
     ax.set_xticks(range(width_max))
     ax.set_xlabel("drafts accepted in one verify step")
     ax.set_ylabel("share of verify steps")
