@@ -104,6 +104,21 @@ def test_suites_have_at_least_12_prompts(suite):
         assert all(r["answer"] and all(isinstance(a, str) for a in r["answer"]) for r in records)
 
 
+def test_batches_fill_up_across_suites(tmp_path):
+    class CharTokenizer:
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [5 + len(text) % 7] * (1 + len(text) % 5)}
+
+    cfg = bench.resolve_config(_args(["--num_prompts", "2", "--output_dir", str(tmp_path)]))
+    batches = bench.make_batches(CharTokenizer(), cfg, 4, PAD)
+    assert [b.ids.shape[0] for b in batches] == [4, 2]
+    assert batches[0].suites == ["chat", "chat", "grounded", "grounded"] and batches[0].suite == "mixed"
+    assert batches[1].suite == "qa" and batches[1].records[0]["answer"]
+    assert bool((batches[0].mask[:, -1] == 1).all())  # left padded
+
+
 # ---------------------------------------------------------------------------- the floor
 def test_floor_loop_reproduces_greedy_with_left_padding(llama):
     rows = [[5, 6, 7, 8, 9], [10, 11]]

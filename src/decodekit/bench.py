@@ -230,27 +230,34 @@ def load_suite(name: str) -> list[dict]:
 
 @dataclass
 class Batch:
-    suite: str
+    suites: list[str]  # the suite of each row
     records: list[dict]
     prompt_ids: list[list[int]]
     ids: torch.Tensor  # [B, T] left padded
     mask: torch.Tensor  # [B, T]
 
+    @property
+    def suite(self) -> str:
+        """The batch's suite, or "mixed" when its rows come from several suites."""
+        return self.suites[0] if len(set(self.suites)) == 1 else "mixed"
+
 
 def make_batches(tokenizer, cfg: BenchConfig, batch_size: int, pad_token_id: int) -> list[Batch]:
-    """Every suite's first ``num_prompts`` prompts, chat template applied, in batches
-    (a batch never mixes suites, so tokens/s can be reported per suite)."""
+    """Every suite's first ``num_prompts`` prompts (chat template applied), suite after
+    suite, cut into batches of ``batch_size`` rows."""
     from decodekit.cache import left_pad
     from decodekit.io import encode_prompts, iter_batches
 
-    batches = []
+    rows = []  # (suite, record, prompt ids)
     for suite in cfg.suites:
         records = load_suite(suite)[: cfg.num_prompts]
-        rows = encode_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template=True)
-        for chunk in iter_batches(list(zip(records, rows, strict=False)), batch_size):
-            ids, mask = left_pad([r for _, r in chunk], pad_token_id)
-            batches.append(Batch(suite, [rec for rec, _ in chunk], [r for _, r in chunk],
-                                 ids.to(cfg.device), mask.to(cfg.device)))
+        ids = encode_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template=True)
+        rows += [(suite, rec, row) for rec, row in zip(records, ids, strict=True)]
+    batches = []
+    for chunk in iter_batches(rows, batch_size):
+        ids, mask = left_pad([r for _, _, r in chunk], pad_token_id)
+        batches.append(Batch([s for s, _, _ in chunk], [rec for _, rec, _ in chunk],
+                             [r for _, _, r in chunk], ids.to(cfg.device), mask.to(cfg.device)))
     return batches
 
 
@@ -665,7 +672,7 @@ def score_quality(ctx: Context, runs: list[Run]) -> None:
         return
     scorer = ctx.models[ctx.cfg.dtypes[0]]
     bs = ctx.cfg.batch_sizes[0]
-    prompts = [(b.suite, rec, ids) for b in ctx.batches[bs] for rec, ids in zip(b.records, b.prompt_ids, strict=False)]
+    prompts = [row for b in ctx.batches[bs] for row in zip(b.suites, b.records, b.prompt_ids, strict=True)]
     for run in runs:
         if run.impl == "floor" or run.sequences is None or run.batch_size != bs or run.gamma is not None:
             continue
@@ -718,8 +725,7 @@ def run_bench(cfg: BenchConfig, models: dict, tokenizer, model_name: str) -> tup
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "completed": completed,
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "prompts": {s: sum(len(b.records) for b in batches[cfg.batch_sizes[0]] if b.suite == s)
-                    for s in cfg.suites},
+        "prompts": dict(Counter(s for b in batches[cfg.batch_sizes[0]] for s in b.suites)),
         "runs": [run_record(r) for r in runs],
     }
     results["summary"] = summarize(results)
