@@ -38,6 +38,9 @@ def _args(argv: list[str]):
         (["--dtypes", "float8"], "dtypes"),
         (["--preset", "turbo"], "preset"),
         (["--device", "tpu"], "device"),
+        (["--clock", "sundial"], "clock"),
+        (["--gammas", "0"], "gammas"),
+        (["--num_prompts", "0"], "num_prompts"),
     ],
 )
 def test_bad_arguments_are_refused(argv, message, tmp_path):

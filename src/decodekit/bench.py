@@ -193,6 +193,8 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
     if output_dir.exists() and not output_dir.is_dir():
         raise DecodeKitError(f"output_dir {str(output_dir)!r} is a file; give a directory")
     check_choice("device", args.device, ["cpu", "cuda"])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DecodeKitError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu")
     check_choice("clock", args.clock, ["wall", "cpu"])
     if args.threads is not None:
         check_int("threads", args.threads, min_value=1)
