@@ -239,6 +239,8 @@ def test_tiny_end_to_end_bench(tmp_path, capsys):
     greedy = runs["greedy/decodekit float32 b1"]
     assert greedy["error"] is None and greedy["trials"][0]["tokens"] > 0
     assert runs["greedy/transformers float32 b1"]["identical_to_greedy"] == "2/2"
+    assert runs["greedy/decodekit float32 b2"]["identical_to_transformers"] == "2/2"
+    assert runs["prompt_lookup/decodekit float32 b1"]["identical_to_greedy"] == "2/2"
     assert runs["floor/floor float32 b2"]["trials"][0]["tokens"] == 2 * 4
     for p in ("report.md", "tokens_per_s.png"):
         assert (out / p).stat().st_size > 0

@@ -451,6 +451,7 @@ class Run:
     error: str | None = None
     quality: dict = field(default_factory=dict)
     identical_to_greedy: str | None = None
+    identical_to_transformers: str | None = None
 
     @property
     def key(self) -> str:
@@ -650,18 +651,24 @@ def _find(runs: list[Run], strategy: str, impl: str, dtype: str, bs: int) -> Run
     return None
 
 
+def _same_rows(a: list[list[int]], b: list[list[int]]) -> str:
+    return f"{sum(x == y for x, y in zip(a, b, strict=False))}/{len(b)}"
+
+
 def check_identity(runs: list[Run]) -> None:
-    """Lossless strategies (and transformers' greedy ones) against our greedy output of
-    the same dtype and batch size: ``"k/n"`` rows token-identical."""
+    """Token-identical rows (``"k/n"``): lossless strategies (ours and transformers')
+    against our greedy, and each of our runs against its transformers twin (same
+    dtype and batch size)."""
     for run in runs:
         entry = ENTRY_BY_NAME.get(run.strategy)
-        if entry is None or not entry.lossless or run.sequences is None:
+        if entry is None or run.sequences is None or run.gamma is not None:
             continue
-        ref = _find(runs, "greedy", "decodekit", run.dtype, run.batch_size)
-        if ref is None or ref.sequences is None or (ref is run):
-            continue
-        same = sum(a == b for a, b in zip(run.sequences, ref.sequences, strict=False))
-        run.identical_to_greedy = f"{same}/{len(ref.sequences)}"
+        greedy = _find(runs, "greedy", "decodekit", run.dtype, run.batch_size)
+        if entry.lossless and greedy is not None and greedy.sequences and greedy is not run:
+            run.identical_to_greedy = _same_rows(run.sequences, greedy.sequences)
+        twin = _find(runs, run.strategy, "transformers", run.dtype, run.batch_size)
+        if run.impl == "decodekit" and twin is not None and twin.sequences:
+            run.identical_to_transformers = _same_rows(run.sequences, twin.sequences)
 
 
 def score_quality(ctx: Context, runs: list[Run]) -> None:

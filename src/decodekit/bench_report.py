@@ -60,6 +60,7 @@ def summarize(results: dict) -> list[dict]:
             "histogram": spec.get("histogram"),
             "peak_rss_mib": r.get("peak_rss_mib"),
             "identical_to_greedy": r.get("identical_to_greedy"),
+            "identical_to_transformers": r.get("identical_to_transformers"),
             "quality": r.get("quality") or {},
             "suites": {s: _median([t["suites"][s]["tokens"] / t["suites"][s]["seconds"]
                                    for t in r["trials"] if s in t["suites"] and t["suites"][s]["seconds"] > 0])
@@ -134,7 +135,8 @@ def render_report(results: dict) -> str:
         "min–max in brackets). x greedy / x transformers: tokens/s ratio to our greedy / to "
         "transformers' equivalent call (same dtype and batch). x floor: how many times the "
         "bare forward loop's ms/token this run's ms/token is. fwd/token: target-model "
-        "forward calls per generated token of a row.", "",
+        "forward calls per generated token of a row. = greedy / = transformers rows: rows "
+        "token-identical to our greedy / to transformers' equivalent.", "",
     ]
     lines += _foundation_section(summary)
     lines += _main_section(summary)
@@ -179,12 +181,12 @@ def _main_section(summary: list[dict]) -> list[str]:
                 _f(r["x_greedy"], 2), _f(r["x_transformers"], 2), _f(r["ms_per_token"]),
                 _f(r["x_floor_ms"], 2), _f(r["forwards_per_token"], 2), _f(r["acceptance_rate"], 2),
                 _f(r["mean_accepted_length"], 2), _f(r["peak_rss_mib"], 0),
-                r["identical_to_greedy"] or "–",
+                r["identical_to_greedy"] or "–", r["identical_to_transformers"] or "–",
             ])
         lines += [f"## {dtype}, batch {bs}", ""]
         lines += _table(["strategy", "impl", "tok/s (min–max)", "x greedy", "x transformers",
                          "ms/token", "x floor", "fwd/token", "acceptance", "mean acc. len",
-                         "peak RSS MiB", "= greedy rows"], body)
+                         "peak RSS MiB", "= greedy rows", "= transformers rows"], body)
         lines.append("")
     return lines
 
