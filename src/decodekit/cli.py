@@ -111,7 +111,9 @@ def add_strategy_flags(parser) -> None:
     add_flag(g, "add_eos_length", type=int, default=None)
     add_flag(g, "refine_iter", type=int, default=None)
     add_flag(g, "max_length", type=int, default=None)
-    add_flag(g, "block_size", type=int, default=None)
+    add_flag(g, "block_size", type=int, default=None, help="Jacobi: tokens guessed per block")
+    add_flag(g, "max_iterations", type=int, default=None,
+             help="Jacobi: most passes per block (then the block is kept as is: LOSSY)")
 
 
 def build_generate_parser(sub) -> argparse.ArgumentParser:

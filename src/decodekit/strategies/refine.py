@@ -151,7 +151,6 @@ def _advance(r: _RowBlock, iterate: list[int], accepted: int, max_iterations: in
                         "changed": changed, "converged": len(r.committed) + accepted + 1,
                         "iterate": r.committed + iterate})
     new = iterate[:n_commit]
-    r.unconverged += n_commit - (accepted + 1)
     # The cache got pending + fed guesses (+ fillers); keep pending + the confirmed guesses.
     # Committed tokens past them were computed from a stale context: re-fed as pending.
     keep = len(r.pending) + accepted
@@ -198,17 +197,21 @@ def _decode_blocks(req: DecodeRequest, block_size: int, max_iterations: int | No
         tracker.count_forward()
         if exact:
             tracker.record_verify([len(r.guesses) - 1 for r in rows], accepted.tolist())
-        new_tokens, forget = [], []
+        new_tokens, forget, exact_tokens = [], [], []
         for b, r in enumerate(rows):
             n_open = len(r.guesses)
             new, keep = _advance(r, iterate[b, :n_open].tolist(), int(accepted[b]), max_iterations, req.debug)
             new_tokens.append(new)
             forget.append(fed - keep)
+            exact_tokens.append(int(accepted[b]) + 1)  # the leading ones, computed from a correct context
             if not r.guesses:
                 r.close()
                 r.start_block(block_size, placeholder)
         state.rollback(torch.tensor(forget))
+        before = [len(tracker.tokens[r.row]) for r in rows]
         finished = [f or r.left <= 0 for f, r in zip(tracker.push(new_tokens), rows)]
+        for r, n_before, n_exact in zip(rows, before, exact_tokens):
+            r.unconverged += max(0, len(tracker.tokens[r.row]) - n_before - n_exact)  # kept ones only
         for r, f in zip(rows, finished):
             if f:
                 r.close()
