@@ -1,0 +1,164 @@
+"""Draft-length policies: fixed, EGAG (SPEC §5 formula, EMA), cost-aware (expected tokens/s)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from decodekit import DecodeKitError, generate
+from decodekit.strategies import draft_policy as dp
+from decodekit.strategies.draft_policy import (
+    CostCurve,
+    CostPolicy,
+    EgagPolicy,
+    egag_gamma,
+    expected_tokens,
+    forward_cost_curve,
+    make_policy,
+)
+
+from conftest import tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_egag_formula_matches_spec():
+    V = 50
+    logits = torch.stack([torch.zeros(V), torch.tensor([40.0] + [0.0] * (V - 1)), torch.randn(V)])
+    g = egag_gamma(logits, temperature=1.0, gamma_min=1, gamma_max=8)
+    for row, got in zip(logits, g.tolist()):
+        p = torch.softmax(row, -1)
+        h = -(p * torch.log(p + 1e-8)).sum()
+        want = min(max(int((1 - h / math.log(V)) * 8), 1), 8)
+        assert got == want
+    assert g[0] == 1 and g[1] == 8  # uniform -> gamma_min, confident -> gamma_max
+
+
+class _Logits:
+    """Stand-in drafter returning fixed first-position logits."""
+
+    name = "stub"
+
+    def __init__(self, seq):
+        self.seq, self.calls = list(seq), 0
+
+    def first_logits(self, rows):
+        out = self.seq[self.calls]
+        self.calls += 1
+        return out
+
+
+class _Req:
+    class processor:  # noqa: N801 - mimics an attribute
+        temperature = 1.0
+
+
+def test_egag_ema_per_row():
+    V = 10
+    confident = torch.tensor([[30.0] + [0.0] * (V - 1)])  # g = gamma_max = 8
+    uniform = torch.zeros(1, V)  # g = gamma_min = 1
+    policy = EgagPolicy(gamma_min=1, gamma_max=8, beta=0.5)
+    policy.start(_Req(), _Logits([confident, uniform, uniform]))
+    assert policy.choose([[1]]).tolist() == [8]  # ema = g on the first step
+    assert policy.choose([[1]]).tolist() == [round(0.5 * 8 + 0.5 * 1)]  # 4.5 -> 4 (round half even)
+    assert policy.choose([[1]]).tolist() == [round(0.5 * 4.5 + 0.5 * 1)]
+    no_ema = EgagPolicy(1, 8, 0.0)
+    no_ema.start(_Req(), _Logits([torch.cat([confident, uniform])]))
+    assert no_ema.choose([[1], [2]]).tolist() == [8, 1]
+
+
+def test_expected_tokens():
+    assert expected_tokens(0, 0.5) == 1.0
+    assert expected_tokens(3, 0.5) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens(4, 1.0) == 5.0
+
+
+def _policy_with_curve(points: dict[int, float], gmax=8, draft_cost=0.0):
+    policy = CostPolicy(1, gmax)
+    policy.curve = CostCurve()
+    policy.curve.points.update(points)
+
+    class D:
+        def step_cost(self, batch):
+            return draft_cost
+
+    policy.drafter = D()
+    return policy
+
+
+def test_cost_policy_drafts_long_when_cheap_and_accepted():
+    flat = {n: 0.01 for n in range(1, 40)}  # verifying more tokens costs nothing extra
+    policy = _policy_with_curve(flat)
+    policy.accepted, policy.rejected = 9.0, 1.0  # a = 0.9
+    assert policy.choose([[1]]).tolist() == [8]
+
+
+def test_cost_policy_drafts_short_when_verification_is_expensive_or_rejected():
+    linear = {1: 0.01, 40: 0.40}  # compute bound: cost grows with every token
+    policy = _policy_with_curve(linear)
+    policy.accepted, policy.rejected = 1.0, 9.0  # a = 0.1
+    assert policy.choose([[1]]).tolist() == [1]
+    # observe() moves the estimate: all-accepted steps raise a
+    flat = _policy_with_curve({n: 0.01 for n in range(1, 40)}, draft_cost=0.001)
+    for _ in range(30):
+        flat.observe(torch.tensor([4]), torch.tensor([4]))
+    assert flat.acceptance > 0.95 and flat.choose([[1]]).item() == 8
+    for _ in range(60):
+        flat.observe(torch.tensor([4]), torch.tensor([0]))
+    assert flat.acceptance < 0.2 and flat.choose([[1]]).item() < 8
+
+
+def test_cost_curve_interpolates_and_extrapolates():
+    c = CostCurve()
+    c.points.update({1: 1.0, 3: 3.0})
+    assert c(2) == pytest.approx(2.0) and c(5) == pytest.approx(5.0) and c(1) == 1.0
+
+
+def test_forward_cost_curve_is_measured_once(monkeypatch):
+    model = tiny_llama(7, layers=1)
+    curve = forward_cost_curve(model, 6, repeats=1)
+    assert set(curve.points) >= {1, 2, 3, 4, 5, 6} and all(t > 0 for t in curve.points.values())
+    calls = []
+    monkeypatch.setattr(dp.time, "perf_counter", lambda: calls.append(1) or 0.0)
+    assert forward_cost_curve(model, 6) is curve and not calls  # cached: nothing re-measured
+
+
+def test_cost_policy_end_to_end_stays_in_range(llama):
+    out = generate(llama, [[5, 6, 7]], strategy="speculative", drafter="layers:1", draft_policy="cost",
+                   gamma_min=2, gamma_max=5, max_new_tokens=20, eos_token_id=[])
+    assert all(2 <= n <= 5 for n in out.stats[0].draft_lengths)
+    egag = generate(llama, [[5, 6, 7]], strategy="speculative", drafter="layers:1", draft_policy="egag",
+                    gamma_min=2, gamma_max=5, max_new_tokens=20, eos_token_id=[])
+    assert all(2 <= n <= 5 for n in egag.stats[0].draft_lengths)
+    assert egag.stats[0].drafter_forwards == 1 + sum(egag.stats[0].draft_lengths)  # EGAG forward reused
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="nope"), "draft_policy"),
+        (dict(gamma=0), "gamma"),
+        (dict(gamma_min=0), "gamma_min"),
+        (dict(gamma=3, gamma_min=4), "gamma_min"),
+        (dict(gamma_min=3, gamma_max=2), "gamma_min"),
+        (dict(egag_ema_beta=1.0), "egag_ema_beta"),
+        (dict(egag_ema_beta=float("nan")), "egag_ema_beta"),
+    ],
+)
+def test_make_policy_rejects_bad_options(kwargs, message):
+    with pytest.raises(DecodeKitError, match=message):
+        make_policy(**kwargs)
+
+
+def test_make_policy_kinds():
+    assert make_policy("fixed", gamma=4).choose([[1], [2]]).tolist() == [4, 4]
+    assert isinstance(make_policy("egag", gamma=4, gamma_max=9), EgagPolicy)
+    assert make_policy("cost", gamma=4).gamma_max == 4
