@@ -264,3 +264,17 @@ def test_bad_input_rejected_before_work(llama, options, needle):
 def test_negative_length_penalty_allowed_with_hf(llama):
     out = generate(llama, [[5, 6, 7]], strategy="beam", num_beams=2, length_penalty=-1.0, max_new_tokens=3)
     assert len(out.sequences) == 1
+
+
+@pytest.mark.slow
+def test_stop_string_ends_hypotheses(real_model):
+    model, tok = real_model
+    ids, mask = chat_batch(tok, CHAT_PROMPTS[:1])  # "What is the capital of France?"
+    out = generate(model, ids, mask, strategy="beam", num_beams=2, num_return_sequences=2, max_new_tokens=10,
+                   stop_strings=[" France"], tokenizer=tok)
+    texts = out.texts(tok)
+    assert any(t.endswith(" France") for t in texts)
+    for t in texts:  # a hypothesis ends at the first stop string, never runs past it
+        assert " France" not in t or t.endswith(" France")
+    if texts[0].endswith(" France"):
+        assert out.stats[0].finish_reason == "stop_string"
