@@ -66,8 +66,7 @@ class _RowBlock:
     pending: list[int]  # committed tokens not in the KV cache yet (>= 1; the prompt at first)
     emitted: int = 0  # tokens committed so far
     block: int = -1  # index of the current block
-    size: int = 0  # positions in the current block
-    committed: list[int] = field(default_factory=list)  # the block's converged positions
+    committed: list[int] = field(default_factory=list)  # the block's committed positions
     guesses: list[int] = field(default_factory=list)  # current iterate of its open positions
     passes: int = 0  # passes spent on the current block
     iterations: list[int] = field(default_factory=list)  # passes each block took
@@ -76,8 +75,8 @@ class _RowBlock:
 
     def start_block(self, block_size: int, placeholder: int) -> None:
         self.block += 1
-        self.size = min(block_size, self.left)
-        self.committed, self.guesses, self.passes = [], [placeholder] * self.size, 0
+        size = min(block_size, self.left)  # never guess past the row's budget
+        self.committed, self.guesses, self.passes = [], [placeholder] * size, 0
 
     def close(self) -> None:
         if self.passes:
