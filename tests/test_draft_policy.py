@@ -97,15 +97,19 @@ def _policy_with_curve(points: dict[int, float], gmax=8, draft_cost=0.0):
 def test_cost_policy_drafts_long_when_cheap_and_accepted():
     flat = {n: 0.01 for n in range(1, 40)}  # verifying more tokens costs nothing extra
     policy = _policy_with_curve(flat)
-    policy.accepted, policy.rejected = 9.0, 1.0  # a = 0.9
+    policy.accepted, policy.rejected = 88.0, 7.0  # a = 0.9 with the prior
     assert policy.choose([[1]]).tolist() == [8]
 
 
 def test_cost_policy_drafts_short_when_verification_is_expensive_or_rejected():
-    linear = {1: 0.01, 40: 0.40}  # compute bound: cost grows with every token
-    policy = _policy_with_curve(linear)
-    policy.accepted, policy.rejected = 1.0, 9.0  # a = 0.1
-    assert policy.choose([[1]]).tolist() == [1]
+    linear = _policy_with_curve({1: 0.01, 40: 0.40})  # pure compute bound: t(n) = n * t(1)
+    linear.accepted, linear.rejected = 28.0, 7.0  # a = 0.79
+    assert linear.choose([[1]]).tolist() == [0]  # E(k, a) < k + 1: speculation never pays
+    affine = _policy_with_curve({1: 0.01, 40: 0.10})  # fixed cost + a smaller one per token
+    affine.accepted, affine.rejected = 0.0, 17.0  # a = 0.1 with the prior
+    assert affine.choose([[1]]).tolist() == [0]  # plain decoding beats speculation
+    affine.accepted, affine.rejected = 28.0, 7.0  # a = 0.79
+    assert 1 <= affine.choose([[1]]).item() < 8  # worth drafting, but not as long as allowed
     # observe() moves the estimate: all-accepted steps raise a
     flat = _policy_with_curve({n: 0.01 for n in range(1, 40)}, draft_cost=0.001)
     for _ in range(30):
@@ -114,6 +118,9 @@ def test_cost_policy_drafts_short_when_verification_is_expensive_or_rejected():
     for _ in range(60):
         flat.observe(torch.tensor([4]), torch.tensor([0]))
     assert flat.acceptance < 0.2 and flat.choose([[1]]).item() < 8
+    for _ in range(200):  # no drafting for a while: back to the prior, probe again
+        flat.observe(torch.tensor([0]), torch.tensor([0]))
+    assert flat.acceptance == pytest.approx(2 / 3, abs=0.01)
 
 
 def test_cost_curve_interpolates_and_extrapolates():
@@ -134,7 +141,7 @@ def test_forward_cost_curve_is_measured_once(monkeypatch):
 def test_cost_policy_end_to_end_stays_in_range(llama):
     out = generate(llama, [[5, 6, 7]], strategy="speculative", drafter="layers:1", draft_policy="cost",
                    gamma_min=2, gamma_max=5, max_new_tokens=20, eos_token_id=[])
-    assert all(2 <= n <= 5 for n in out.stats[0].draft_lengths)
+    assert all(n == 0 or 2 <= n <= 5 for n in out.stats[0].draft_lengths)
     egag = generate(llama, [[5, 6, 7]], strategy="speculative", drafter="layers:1", draft_policy="egag",
                     gamma_min=2, gamma_max=5, max_new_tokens=20, eos_token_id=[])
     assert all(2 <= n <= 5 for n in egag.stats[0].draft_lengths)

@@ -49,7 +49,8 @@ def test_greedy_identical_every_drafter_policy_and_first_target(arch):
         first = i % 2 == 0
         out = _spec(target, ROWS, drafter=drafter, gamma=3, draft_policy=policy, first_target=first)
         assert out.sequences == want, (name, policy, first)
-        assert all(s.drafted > 0 for s in out.stats)
+        if policy != "cost":  # cost may rightly decide that drafting does not pay
+            assert all(s.drafted > 0 for s in out.stats)
 
 
 def test_greedy_identical_batch_one_and_without_cache(llama):

@@ -210,15 +210,20 @@ class CostPolicy(DraftPolicy):
     If every draft is accepted independently with probability ``a``, the step emits
     ``E(k, a) = (1 - a^(k+1)) / (1 - a)`` tokens per row, so the policy picks
 
-        k* = argmax_{gamma_min <= k <= gamma_max}  B * E(k, a) / T(k).
+        k* = argmax_{k in {0} + [gamma_min, gamma_max]}  B * E(k, a) / T(k).
+
+``k = 0`` (plain decoding, one token per target forward) is always a candidate, so the
+policy stops speculating when speculation cannot pay (a slow or inaccurate drafter).
 
     On a CPU ``t_target(n)`` is nearly flat for small ``n`` (reading the weights dominates)
     and then grows linearly (compute dominates); the knee of that curve and ``a`` decide
     how long drafting pays. ``a`` is the maximum-likelihood estimate of the per-token
     acceptance of a truncated geometric: ``accepted / (accepted + rejections)`` where a
-    rejection is a step that accepted fewer drafts than it drafted, with a prior of
-    2 accepted / 1 rejected and exponential forgetting (``decay`` per step) so it follows
-    the text. The cost curves are measured once per model/dtype/device (about a second).
+    rejection is a step that accepted fewer drafts than it drafted. The observed counts
+    forget exponentially (``decay`` per step) so the estimate follows the text; a fixed
+    prior of 2 accepted / 1 rejected is added, so after a stretch without drafting the
+    estimate drifts back to 2/3 and the policy probes again. The cost curves are measured
+    once per model/dtype/device (about a second).
     """
 
     name = "cost"
@@ -226,7 +231,7 @@ class CostPolicy(DraftPolicy):
     def __init__(self, gamma_min: int, gamma_max: int, decay: float = 0.95):
         super().__init__(gamma_max)
         self.gamma_min, self.gamma_max, self.decay = gamma_min, gamma_max, decay
-        self.accepted, self.rejected = 2.0, 1.0  # prior: a = 2/3
+        self.accepted, self.rejected = 0.0, 0.0  # decayed observations
         self.curve: CostCurve | None = None
         self.drafter = None
         self.last_choice: int | None = None
@@ -238,7 +243,7 @@ class CostPolicy(DraftPolicy):
 
     @property
     def acceptance(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
+        return (self.accepted + 2.0) / (self.accepted + self.rejected + 3.0)  # prior 2/3
 
     def tokens_per_second(self, k: int, batch: int) -> float:
         seconds = self.curve(batch * (k + 1)) + k * self.drafter.step_cost(batch)
@@ -246,7 +251,7 @@ class CostPolicy(DraftPolicy):
 
     def choose(self, rows: list[list[int]]) -> Tensor:
         batch = len(rows)
-        ks = range(self.gamma_min, self.gamma_max + 1)
+        ks = [0, *range(self.gamma_min, self.gamma_max + 1)]
         best = max(ks, key=lambda k: self.tokens_per_second(k, batch))
         self.last_choice = best
         return torch.full((batch,), best, dtype=torch.long)
