@@ -354,7 +354,7 @@ def decode(
     filler_top_k: int = 3,
     stop_if_unknown: bool = False,
     first_target: bool = True,
-    draft_policy: str = "fixed",
+    draft_policy: str = "adaptive",
     show_drafts: bool = False,
     storage: INgramStorage | None = None,
 ) -> GenerationOutput:
@@ -363,7 +363,8 @@ def decode(
     ``ngram_n``: largest n-gram order (orders 2..n, backoff); ``gamma``: drafts per step;
     ``filler_top_k``: the target's top-k at each verified position also update the counts
     (1: only emitted tokens); ``stop_if_unknown``: stop drafting at an unknown context;
-    ``draft_policy``: ``fixed`` | ``adaptive`` | ``cost``. ``storage``: an
+    ``draft_policy``: ``adaptive`` (default; see the module docstring: on open chat fixed
+    drafting is much slower than greedy on a CPU) | ``fixed`` | ``cost``. ``storage``: an
     ``INgramStorage`` to use instead of ``NGramStorage(ngram_n, vocab)``; each row drafts
     from its own copy (a single row uses and updates the instance itself).
     """
