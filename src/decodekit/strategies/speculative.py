@@ -36,7 +36,7 @@ from decodekit.outputs import GenerationOutput
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.draft_policy import DraftPolicy, make_policy
 from decodekit.strategies.verify import VerifyResult, verify
-from decodekit.validation import DecodeKitError, check_choice, check_float, check_int
+from decodekit.validation import DecodeKitError, check_choice, check_int
 
 __all__ = [
     "Draft",
@@ -231,6 +231,8 @@ def _step(run: _Run, skip_sample_adjustment: bool) -> None:
     drafter.update(draft, result, p)
     run.policy.observe(draft.drafted, result.accepted)
     req.tracker.record_verify(draft.drafted.tolist(), result.accepted.tolist())
+    if req.debug:
+        log.info("verify: drafted %s accepted %s", draft.drafted.tolist(), result.accepted.tolist())
     tokens, kinds = _emitted(draft, result)
     run.last = result.next_tokens
     finished = run.emit(tokens, kinds)
@@ -290,10 +292,10 @@ class ModelDrafter(Drafter):
     """A causal LM with the target's vocabulary drafting autoregressively with its own cache.
 
     The drafter cache holds ``seen[b]`` tokens of row ``b``'s history. Tokens of the
-    history it has not consumed (the prompt's last token at first; later the target's
+    history it has not consumed (the whole prompt at first; later the target's
     recovered/bonus token, and the last accepted draft, which was sampled but never fed)
     are *pending*: the first draft forward feeds them all at once, right aligned with a
-    token mask, and its logits give the first draft. Drafts ``1..k-1`` are fed to draw
+    token mask (left padding), and its logits give the first draft. Drafts ``1..k-1`` are fed to draw
     drafts ``2..k``; after verification the rejected ones are rolled back per row.
     """
 
@@ -307,12 +309,12 @@ class ModelDrafter(Drafter):
         self._first: Tensor | None = None  # [B, V] logits for the first draft, if computed
 
     def prefill(self, req: DecodeRequest) -> None:
+        """Lazy: the whole prompt is pending, so the first drafting forward prefills it (a
+        policy that never drafts, e.g. ``cost`` with a slow drafter, never pays for it)."""
         self.req = req
-        ids, mask = req.input_ids.to(self.model.device), req.attention_mask.to(self.model.device)
-        self.state = prefill_context(self.model, ids[:, :-1], mask[:, :-1], req.use_cache)
-        if ids.shape[1] > 1:
-            req.tracker.count_forward(drafter=True)
-        self.seen = (mask.sum(-1) - 1).tolist()  # the prompt's last token is pending
+        ids = req.input_ids.to(self.model.device)
+        self.state = prefill_context(self.model, ids[:, :0], ids[:, :0], req.use_cache)
+        self.seen = [0] * ids.shape[0]
         self._first = None
 
     def first_logits(self, rows: list[list[int]]) -> Tensor:
@@ -446,7 +448,7 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
 def decode(
     req: DecodeRequest,
     *,
-    drafter,
+    drafter=None,
     gamma: int = 5,
     draft_policy: str = "fixed",
     gamma_min: int = 1,
@@ -469,7 +471,6 @@ def decode(
     check_choice("first_target", first_target, [True, False])
     check_choice("skip_sample_adjustment", skip_sample_adjustment, [True, False])
     check_choice("show_drafts", show_drafts, [True, False])
-    check_float("egag_ema_beta", egag_ema_beta)
     if drafter is None:
         raise DecodeKitError("strategy 'speculative' needs drafter=... (a model, a model name, or layers:N)")
     drafter = resolve_drafter(drafter, req)
