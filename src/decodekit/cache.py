@@ -29,12 +29,13 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-__all__ = ["ModelState", "prune_cache", "left_pad", "cache_kwarg"]
+__all__ = ["ModelState", "prune_cache", "left_pad", "cache_kwarg", "uses_sliding_window"]
 
 
 def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Lists of token ids -> left-padded ``ids [B, T]`` and ``mask [B, T]``."""
-    width = max(len(r) for r in rows)
+    """Lists of token ids -> left-padded ``ids [B, T]`` and ``mask [B, T]`` (T >= 1; an
+    empty row is all padding)."""
+    width = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, row in enumerate(rows):
@@ -60,6 +61,19 @@ def prune_cache(cache, num_tokens_to_discard: int):
     return tuple(
         tuple(t[..., :-num_tokens_to_discard, :] for t in layer) for layer in cache
     )
+
+
+def uses_sliding_window(model) -> bool:
+    """Whether some attention layer of ``model`` uses a sliding window.
+
+    Sliding-window attention counts cache *columns*, holes included, so for such models
+    holes must be compacted away as soon as they appear (see ``ModelState.compact_holes``).
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "sliding_window", None) is None:
+        return False
+    types = getattr(cfg, "layer_types", None)
+    return types is None or any("sliding" in t for t in types)
 
 
 def cache_kwarg(model) -> str:
@@ -239,6 +253,13 @@ class ModelState:
                 idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
                 layer.keys = layer.keys.gather(2, idx)
                 layer.values = layer.values.gather(2, idx)
+
+    def compact_holes(self, holes_per_row: int) -> None:
+        """Compact once holes exceed ``holes_per_row`` per row (they cost attention work),
+        or at once for sliding-window models (where holes would count as context)."""
+        limit = 0 if uses_sliding_window(self.model) else holes_per_row * self.batch_size
+        if self.holes() > limit:
+            self.compact()
 
     def holes(self) -> int:
         """Number of masked columns that sit after a real token (not left padding)."""

@@ -162,15 +162,6 @@ def _advance(r: _RowBlock, iterate: list[int], accepted: int, max_iterations: in
 
 
 # ---------------------------------------------------------------------------- the loop
-def _uses_sliding_window(model) -> bool:
-    """Sliding-window attention counts cache columns, holes included."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(cfg, "sliding_window", None) is None:
-        return False
-    types = getattr(cfg, "layer_types", None)
-    return types is None or any("sliding" in t for t in types)
-
-
 def _decode_blocks(req: DecodeRequest, block_size: int, max_iterations: int | None,
                    max_length: int | None = None):
     """Block refinement with ``block_size`` positions, at most ``max_iterations`` passes a
@@ -190,7 +181,6 @@ def _decode_blocks(req: DecodeRequest, block_size: int, max_iterations: int | No
                        DynamicCache() if req.use_cache else None, req.use_cache)
     finished_rows: dict[int, dict] = {}
     exact = max_iterations is None
-    sliding = _uses_sliding_window(req.model)
     while not tracker.done:
         iterate, accepted, fed = _refine_pass(state, rows, req.pad_token_id)
         tracker.count_forward()
@@ -217,9 +207,8 @@ def _decode_blocks(req: DecodeRequest, block_size: int, max_iterations: int | No
                 finished_rows[r.row] = r.debug_record(req.debug)
         rows = [r for r, f in zip(rows, finished) if not f]
         drop_finished(tracker, finished, [state])
-        if not tracker.done and state.holes() > (0 if sliding else state.batch_size * block_size):
-            state.compact()  # ragged rows leave holes: they cost attention work, and
-            # sliding-window attention would count them as context
+        if not tracker.done:
+            state.compact_holes(block_size)  # ragged rows leave holes
     debug = [finished_rows[b] for b in range(len(prompts))]
     return tracker.result(debug=debug)
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from decodekit.cache import ModelState
+from decodekit.cache import ModelState, left_pad
 from decodekit.outputs import GenerationOutput
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.draft_policy import DraftPolicy, make_policy
@@ -114,21 +114,9 @@ def prefill_context(model, ids: Tensor, mask: Tensor, use_cache: bool) -> ModelS
     return state
 
 
-def _sliding_window(model) -> bool:
-    """Sliding-window attention counts cache *columns*, so holes would widen the window:
-    such models are compacted whenever a rollback leaves holes."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(cfg, "sliding_window", None) is None:
-        return False
-    types = getattr(cfg, "layer_types", None)
-    return types is None or any("sliding" in t for t in types)
-
-
 def maybe_compact(state: ModelState) -> None:
     """Remove holes when they pile up (or at once for sliding-window models)."""
-    limit = 0 if _sliding_window(state.model) else HOLES_PER_ROW_BEFORE_COMPACT * state.batch_size
-    if state.holes() > limit:
-        state.compact()
+    state.compact_holes(HOLES_PER_ROW_BEFORE_COMPACT)
 
 
 class _Run:
@@ -276,18 +264,6 @@ def speculative_loop(
 
 
 # ---------------------------------------------------------------------------- draft model
-def _right_aligned(pending: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
-    """Ragged token lists -> ``tokens [B, P]`` right aligned, ``mask [B, P]`` (0 in front)."""
-    width = max(1, max(len(p) for p in pending))
-    tokens = torch.full((len(pending), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(pending), width), dtype=torch.long)
-    for b, row in enumerate(pending):
-        if row:
-            tokens[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[b, width - len(row):] = 1
-    return tokens, mask
-
-
 class ModelDrafter(Drafter):
     """A causal LM with the target's vocabulary drafting autoregressively with its own cache.
 
@@ -322,7 +298,7 @@ class ModelDrafter(Drafter):
         if self._first is not None and all(len(r) == s for r, s in zip(rows, self.seen)):
             return self._first
         pending = [r[s:] for r, s in zip(rows, self.seen)]
-        tokens, mask = _right_aligned(pending, self.req.pad_token_id)
+        tokens, mask = left_pad(pending, self.req.pad_token_id)  # right aligned, masked in front
         self._first = self.state.extend(tokens, token_mask=mask, logits_to_keep=1)[:, -1]
         self.req.tracker.count_forward(drafter=True)
         self.seen = [len(r) for r in rows]
