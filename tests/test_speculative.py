@@ -277,7 +277,7 @@ def bundled(real_model):
     batches = [chat_batch(tok, PROMPTS_20[i:i + 4]) for i in range(0, 20, 4)]
     want4 = [generate(model, ids, mask, max_new_tokens=N_NEW).sequences for ids, mask in batches]
     # A separate draft model object: the bundled model loaded again, cut to 6 layers.
-    other, _ = decodekit.load_model()
+    other, _ = decodekit.load_model(dtype="float32")
     del other.model.layers[6:]
     other.config.num_hidden_layers = 6
     return model, tok, batches, want4, other

@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("trials", type=int, default=None, help="interleaved trials (default 3)")
     flag("max_new_tokens", type=int, default=None, help="default 32")
     flag("gammas", default=None, help="draft lengths swept at batch 1 (default 2,8; '' = none)")
-    flag("drafter", default="layers:8", help="speculative drafter: layers:N or a model (default layers:8)")
+    flag("drafter", default="layers:24", help="speculative drafter: layers:N or a model (default layers:24)")
     flag("ignore_eos", action="store_const", const=True, default=None,
          help="decode exactly max_new_tokens per row (fixed-length throughput)")
     flag("no_transformers", action="store_true", help="skip transformers' generate() runs")
