@@ -38,6 +38,17 @@ def tiny_gemma3(seed: int = 0, layers: int = 2, vocab: int = VOCAB):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny models on a shared 2-core machine suffer badly
+    from OpenMP contention (20-40x measured). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def llama():
     return tiny_llama()

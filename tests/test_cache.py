@@ -45,6 +45,7 @@ def test_ragged_rollback_holes_are_invisible(tiny_model):
     drafts = torch.tensor([[20, 21, 22], [23, 24, 25], [26, 27, 28]])
     state.extend(drafts)
     forget = torch.tensor([0, 2, 1])
+    assert state.dense is False  # left padding
     state.rollback(forget)
     assert state.holes() == 3  # nobody forgot 0 columns... row 0 forgot none, so 2 + 1 holes
     out = state.extend(torch.tensor([[60], [61], [62]]))[:, -1]
@@ -59,6 +60,21 @@ def test_ragged_rollback_holes_are_invisible(tiny_model):
     ref2 = full_logits(tiny_model, [k + [60 + b, 70 + b] for b, k in enumerate(kept)])
     for b in range(3):
         assert torch.allclose(out2[b], ref2[b][-1], atol=1e-4)
+
+
+@torch.no_grad()
+def test_dense_flag_tracks_padding_and_holes(llama):
+    state, _ = ModelState.prefill(llama, torch.tensor([[5, 6, 7], [8, 9, 10]]))
+    assert state.dense
+    state.extend(torch.tensor([[11, 12], [13, 14]]))
+    assert state.dense  # plain decode keeps it: no host sync needed per step
+    state.rollback(torch.tensor([0, 1]))
+    assert not state.dense and state.holes() == 1
+    state.compact()
+    assert not state.dense  # row 1 is now left-padded
+    state.rollback(torch.tensor([0, 0]))
+    ref, _ = ModelState.prefill(llama, torch.tensor([[5, 6, 7, 11, 12]]))
+    assert torch.allclose(state.extend(torch.tensor([[20], [20]]))[0, -1], ref.extend(torch.tensor([[20]]))[0, -1], atol=1e-4)
 
 
 @torch.no_grad()

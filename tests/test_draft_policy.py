@@ -21,13 +21,7 @@ from decodekit.strategies.draft_policy import (
 
 from conftest import tiny_llama
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_egag_formula_matches_spec():

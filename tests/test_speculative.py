@@ -19,13 +19,7 @@ from conftest import CHAT_PROMPTS, EOS, chat_batch, tiny_gemma3, tiny_llama
 ROWS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19], [20]]  # ragged, one 1-token prompt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (40x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _greedy(model, rows, n=20, **kw):

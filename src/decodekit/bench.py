@@ -325,21 +325,6 @@ def machine_card(models: dict, cfg: BenchConfig, model_name: str) -> dict:
     return card
 
 
-def format_card(card: dict) -> str:
-    lines = [
-        f"machine      {card['cpu']} | {card['cpu_cores']} cores | torch threads {card['torch_threads']}"
-        + (f" | GPU {card['gpu']}" if card.get("gpu") else ""),
-        f"software     python {card['python']} | torch {card['torch']} | transformers "
-        f"{card['transformers']} | decodekit {card['decodekit']}",
-        f"model        {card['model']} ({card['model_class']}, {card['parameters'] / 1e6:.1f} M parameters)",
-        f"bandwidth    {card['bandwidth_gb_s']} GB/s (large-tensor copy on {card['device']})",
-    ]
-    for dtype, w in card["weights"].items():
-        lines.append(f"weights      {dtype}: {w['bytes'] / 2**20:.0f} MiB -> floor "
-                     f"{w['floor_ms_per_token']} ms/token at batch 1 (weights read once per token)")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------- measuring
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
@@ -711,7 +696,7 @@ def load_models(cfg: BenchConfig):
 
 def run_bench(cfg: BenchConfig, models: dict, tokenizer, model_name: str) -> tuple[dict, bool]:
     """Card, plan, warm-up, trials, summaries; returns (results, completed)."""
-    from decodekit.bench_report import summarize
+    from decodekit.bench_report import format_card, summarize
 
     card = machine_card(models, cfg, model_name)
     print(format_card(card), flush=True)

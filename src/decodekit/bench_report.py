@@ -100,19 +100,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def _card_lines(card: dict) -> list[str]:
-    lines = [
-        f"- machine: {card['cpu']}, {card['cpu_cores']} cores, torch threads {card['torch_threads']}"
-        + (f", GPU {card['gpu']}" if card.get("gpu") else ""),
-        f"- software: python {card['python']}, torch {card['torch']}, transformers {card['transformers']}, "
-        f"decodekit {card['decodekit']}",
-        f"- model: {card['model']} ({card['model_class']}, {card['parameters'] / 1e6:.1f} M parameters)",
-        f"- memory bandwidth (large-tensor copy): {card['bandwidth_gb_s']} GB/s",
+def card_items(card: dict) -> list[tuple[str, str]]:
+    """The machine card as (label, text) pairs: one source for the terminal and report.md."""
+    items = [
+        ("machine", f"{card['cpu']}, {card['cpu_cores']} cores, torch threads {card['torch_threads']}"
+         + (f", GPU {card['gpu']}" if card.get("gpu") else "")),
+        ("software", f"python {card['python']}, torch {card['torch']}, transformers "
+         f"{card['transformers']}, decodekit {card['decodekit']}"),
+        ("model", f"{card['model']} ({card['model_class']}, {card['parameters'] / 1e6:.1f} M parameters)"),
+        ("bandwidth", f"{card['bandwidth_gb_s']} GB/s (large-tensor copy on {card['device']})"),
     ]
     for dtype, w in card["weights"].items():
-        lines.append(f"- weights {dtype}: {w['bytes'] / 2**20:.0f} MiB -> bandwidth floor "
-                     f"{w['floor_ms_per_token']} ms/token at batch 1")
-    return lines
+        items.append(("weights", f"{dtype}: {w['bytes'] / 2**20:.0f} MiB -> bandwidth floor "
+                      f"{w['floor_ms_per_token']} ms/token at batch 1 (weights read once per token)"))
+    return items
+
+
+def format_card(card: dict) -> str:
+    """The card for the terminal (printed before any run)."""
+    return "\n".join(f"{label:<12} {text}" for label, text in card_items(card))
 
 
 def render_report(results: dict) -> str:
@@ -123,7 +129,7 @@ def render_report(results: dict) -> str:
         lines += ["```", results["command"], "```", ""]
     if not results.get("completed", True):
         lines += ["**Interrupted**: the tables hold the trials measured before Ctrl-C.", ""]
-    lines += _card_lines(results["card"])
+    lines += [f"- {label}: {text}" for label, text in card_items(results["card"])]
     prompts = ", ".join(f"{s} {n}" for s, n in results.get("prompts", {}).items())
     lines += [
         f"- prompts: {prompts} (chat template), max_new_tokens {cfg['max_new_tokens']}, "

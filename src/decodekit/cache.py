@@ -108,6 +108,9 @@ class ModelState:
         self.model = model
         self.ids = ids  # [B, T]
         self.mask = mask  # [B, T]
+        # No padding and no holes anywhere: the model can take its plain causal path. Kept
+        # as a flag (updated where the mask changes) so decoding needs no host sync for it.
+        self.dense = bool(mask.all())
         self.cache = cache
         self.use_cache = use_cache
         self.forwards = 0  # model calls made through this state
@@ -145,13 +148,14 @@ class ModelState:
         tokens = tokens.to(self.ids.device)
         if token_mask is None:
             token_mask = torch.ones_like(tokens)
+        else:
+            self.dense = self.dense and bool(token_mask.all())
         positions = self.positions(token_mask)
         self.ids = torch.cat([self.ids, tokens], dim=1)
         self.mask = torch.cat([self.mask, token_mask], dim=1)
         self.forwards += 1
         if self.use_cache:
-            # No padding and no holes: let the model use its plain causal path (cheaper).
-            mask = None if bool(self.mask.all()) else self.mask
+            mask = None if self.dense else self.mask  # dense: plain causal path (cheaper)
             out = self.model(
                 input_ids=tokens,
                 attention_mask=mask,
@@ -201,6 +205,7 @@ class ModelState:
         col = torch.arange(self.length, device=self.ids.device)  # [T]
         hole = col[None, :] >= (self.length - extra)[:, None]  # [B, T]
         self.mask = self.mask.masked_fill(hole, 0)
+        self.dense = False
 
     # ------------------------------------------------------------------ rows
     @property
@@ -246,6 +251,7 @@ class ModelState:
         order = torch.argsort(real.to(torch.int8), dim=-1, stable=True)[:, -width:]  # [B, W]
         self.ids = self.ids.gather(1, order)
         self.mask = self.mask.gather(1, order)
+        self.dense = bool(self.mask.all())
         if self.use_cache:
             for layer in self.cache.layers:
                 if getattr(layer, "keys", None) is None or not layer.keys.numel():
