@@ -108,3 +108,14 @@ def hf_new_tokens(model, ids, mask, **kw):
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         rows.append(row[:cut])
     return rows
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+    """The bundled model's tokenizer, read from its GGUF file (no converted cache needed)."""
+    from transformers import AutoTokenizer
+
+    from decodekit.models import BUNDLED_MODELS
+
+    gguf = BUNDLED_MODELS["smollm2-135m-instruct"].gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -2,6 +2,7 @@
 
 from decodekit.api import generate, generate_super, prepare_inputs
 from decodekit.cache import ModelState, left_pad, prune_cache
+from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
 from decodekit.io import encode_prompts, load_prompts
 from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, load_model
 from decodekit.ngram_storage import INgramStorage, NGramStorage, OneLevelNGramStorage
@@ -45,6 +46,8 @@ __all__ = [
     "generate_super",
     "prepare_inputs",
     "encode_prompts",
+    "IncrementalDetokenizer",
+    "TextCallbackStreamer",
     "load_prompts",
     "load_model",
     "BUNDLED_MODELS",

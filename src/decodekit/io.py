@@ -73,21 +73,66 @@ def load_prompts(prompt: str | None = None, prompts_file: str | None = None) -> 
     return prompts
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], use_chat_template: bool) -> list[list[int]]:
-    """Token ids per prompt, through the chat template when asked (and when there is one)."""
+def encode_prompts(tokenizer, prompts: Sequence[str], use_chat_template: bool,
+                   allow_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids per prompt, through the chat template when asked (and when there is one).
+
+    A prompt is tokenized as text: special-token text typed in it (``<|im_end|>``) stays
+    text, so a prompt cannot close its turn and forge another. ``allow_special_tokens=True``
+    tokenizes it the old way, special-token text becoming the special tokens.
+    """
+    chat = use_chat_template and getattr(tokenizer, "chat_template", None)
     rows = []
     for text in prompts:
-        if use_chat_template and getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-                return_dict=False,
-            )
+        if chat and allow_special_tokens:
+            ids = tokenizer.apply_chat_template(_user_turn(text), add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
+        elif chat:
+            ids = _encode_chat_turn(tokenizer, text)
         else:
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=True, split_special_tokens=not allow_special_tokens)["input_ids"]
         rows.append(list(ids))
     return rows
+
+
+_PLACEHOLDER = "DecodekitPromptPlaceholder"
+
+
+def _user_turn(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _encode_chat_turn(tokenizer, text: str) -> list[int]:
+    """The chat template's ids with the user's text tokenized as text.
+
+    The template is rendered twice, with the text and with a placeholder, to find where the
+    text lands. Tokenizers split text at special tokens before anything else, so the ids are
+    those of: the template up to its last special token before the text (special tokens
+    recognised), the text with the template's plain text around it (special tokens split),
+    and the template from its first special token after the text: for a prompt without
+    special-token text, exactly ``apply_chat_template(..., tokenize=True)``.
+    """
+    def render(content: str) -> str:
+        return tokenizer.apply_chat_template(_user_turn(content), add_generation_prompt=True, tokenize=False)
+
+    rendered = render(text)
+    before, found, after = render(_PLACEHOLDER).partition(_PLACEHOLDER)
+    start, end = len(before), len(rendered) - len(after)
+    if not found or _PLACEHOLDER in after or start > end or not (
+            rendered.startswith(before) and rendered.endswith(after)):
+        raise DecodeKitError("use_chat_template: cannot locate the prompt in the chat template's text; "
+                             "use --allow_special_tokens to tokenize the templated text as is")
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+    head = max((before.rfind(s) + len(s) for s in specials if s in before), default=0)
+    tail = min((end + after.find(s) for s in specials if s in after), default=len(rendered))
+
+    def encode(part: str, split: bool) -> list[int]:
+        return tokenizer(part, add_special_tokens=False, split_special_tokens=split)["input_ids"] if part else []
+
+    return (encode(rendered[:head], False) + encode(rendered[head:tail], True)
+            + encode(rendered[tail:], False))
 
 
 def iter_batches(items: Sequence, batch_size: int) -> Iterator[list]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import sys
 
+from decodekit.detok import IncrementalDetokenizer
+
 __all__ = ["render_drafts", "draft_legend"]
 
 _ANSI = {"draft": "\033[32m", "recovered": "\033[1;31m"}
@@ -25,12 +27,12 @@ _PLAIN = {"draft": ("[", "]"), "recovered": ("{", "}")}
 
 
 def _token_texts(tokenizer, tokens: list[int]) -> list[str]:
-    """Text added by each token, decoded incrementally (keeps spaces and multi-byte chars)."""
-    texts, previous = [], ""
-    for i in range(len(tokens)):
-        text = tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)
-        texts.append(text[len(previous):] if text.startswith(previous) else text)
-        previous = text
+    """Text added by each token: a character split over several tokens belongs to the token
+    that completes it, so the pieces joined are exactly the decoded text (no repeats)."""
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+    texts = [detok.push([token]) for token in tokens]
+    if texts:
+        texts[-1] += detok.flush()
     return texts
 
 
