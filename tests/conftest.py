@@ -119,3 +119,16 @@ def bundled_tokenizer():
 
     gguf = BUNDLED_MODELS["smollm2-135m-instruct"].gguf_path()
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, bundled_tokenizer):
+    """A saved tiny random Llama with the bundled tokenizer: ``--model_path`` for CLI tests."""
+    tokenizer = bundled_tokenizer
+    model = tiny_llama(seed=3, vocab=len(tokenizer))
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    folder = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

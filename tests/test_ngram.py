@@ -11,11 +11,8 @@ import torch
 import decodekit
 from decodekit import DecodeKitError, NGramStorage, OneLevelNGramStorage
 from decodekit.processors import TopKProcessor
-from decodekit.strategies.ngram import (
-    AcceptanceGate,
-    ngram_assisted_speculative_generate,
-    prompt_lookup_candidates,
-)
+from decodekit.seed import ngram_assisted_speculative_generate
+from decodekit.strategies.ngram import AcceptanceGate, prompt_lookup_candidates
 
 from conftest import CHAT_PROMPTS, EOS, chat_batch
 

@@ -4,6 +4,7 @@ from decodekit.api import generate, generate_super, prepare_inputs
 from decodekit.cache import ModelState, left_pad, prune_cache
 from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
 from decodekit.io import encode_prompts, load_prompts
+from decodekit.model_info import context_length, default_eos_pad, vocab_size
 from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, load_model
 from decodekit.ngram_storage import INgramStorage, NGramStorage, OneLevelNGramStorage
 from decodekit.outputs import GenerationOutput, RequestStats, RowTracker
@@ -19,23 +20,20 @@ from decodekit.processors import (
     top_p_filtering,
 )
 from decodekit.quality import continuation_loglik, distinct_n, exact_match, normalize_answer
-from decodekit.strategies import STRATEGIES
-from decodekit.strategies.autoregressive import autoregressive_generate
-from decodekit.strategies.beam import beam_search_generate, format_beam_trace
-from decodekit.strategies.eis import ExtendedInferenceSampler, format_eis_trace
-from decodekit.strategies.ngram import (
-    AcceptanceGate,
-    NgramDrafter,
-    PromptLookupDrafter,
-    ngram_assisted_speculative_generate,
-)
-from decodekit.strategies.refine import (
-    decode_jacobi,
-    decode_refine,
-    format_refine_trace,
+from decodekit.seed import (
+    ExtendedInferenceSampler,
+    autoregressive_generate,
+    beam_search_generate,
     iterative_generate,
+    ngram_assisted_speculative_generate,
+    speculative_generate,
 )
-from decodekit.strategies.speculative import Draft, Drafter, speculative_generate
+from decodekit.strategies import STRATEGIES
+from decodekit.strategies.beam import format_beam_trace
+from decodekit.strategies.eis import format_eis_trace
+from decodekit.strategies.ngram import AcceptanceGate, NgramDrafter, PromptLookupDrafter
+from decodekit.strategies.refine import decode_jacobi, decode_refine, format_refine_trace
+from decodekit.strategies.speculative import Draft, Drafter
 from decodekit.strategies.verify import max_fn
 from decodekit.validation import DecodeKitError
 
@@ -52,6 +50,9 @@ __all__ = [
     "load_model",
     "BUNDLED_MODELS",
     "DEFAULT_MODEL",
+    "vocab_size",
+    "context_length",
+    "default_eos_pad",
     "ModelState",
     "left_pad",
     "prune_cache",

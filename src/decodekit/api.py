@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from decodekit.cache import left_pad
+from decodekit.model_info import context_length, default_eos_pad, vocab_size
 from decodekit.outputs import GenerationOutput, RowTracker
 from decodekit.processors import GreedyProcessor, LogitsProcessor, make_processor
 from decodekit.strategies import STRATEGIES, get_strategy
@@ -16,29 +17,6 @@ from decodekit.strategies.base import DecodeRequest
 from decodekit.validation import DecodeKitError, check_choice, check_int, normalize_eos
 
 __all__ = ["generate", "generate_super", "prepare_inputs"]
-
-
-def _context_length(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return getattr(cfg, "max_position_embeddings", None)
-
-
-def _vocab_size(model) -> int | None:
-    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is not None and hasattr(emb, "weight"):
-        return int(emb.weight.shape[0])
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "vocab_size", None)
-
-
-def _default_ids(model) -> tuple[object, int | None]:
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) and eos else eos
-    return eos, pad
 
 
 def prepare_inputs(
@@ -147,13 +125,13 @@ def generate(
     options.update({k: v for k, v in knob_values.items() if k in own_knobs and v is not None})
     knob_values = {k: (None if k in own_knobs else v) for k, v in knob_values.items()}
     processor = _make_processor(strategy, logits_processor, **knob_values)
-    default_eos, default_pad = _default_ids(model)
-    eos_ids = normalize_eos(default_eos if eos_token_id is None else eos_token_id, _vocab_size(model))
+    default_eos, default_pad = default_eos_pad(model)
+    eos_ids = normalize_eos(default_eos if eos_token_id is None else eos_token_id, vocab_size(model))
     if pad_token_id is None:
         pad_token_id = default_pad if default_pad is not None else 0
     ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id)
     prompt_lengths = mask.sum(-1).tolist()
-    context = _context_length(model)
+    context = context_length(model)
     if context is not None and max(prompt_lengths) >= context:
         raise DecodeKitError(
             f"prompt is {max(prompt_lengths)} tokens; the model's context is {context} tokens "

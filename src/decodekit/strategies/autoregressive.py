@@ -11,7 +11,6 @@ import logging
 import torch
 
 from decodekit.cache import ModelState
-from decodekit.processors import GreedyProcessor, LogitsProcessor
 from decodekit.strategies.base import DecodeRequest, drop_finished
 
 log = logging.getLogger(__name__)
@@ -36,34 +35,3 @@ def decode(req: DecodeRequest):
         tracker.count_forward()
     return tracker.result()
 
-
-def autoregressive_generate(
-    inputs: list[int],
-    model,
-    max_gen_len: int = 40,
-    logits_processor: LogitsProcessor = GreedyProcessor(),
-    eos_tokens_id: int | list[int] = 1,
-    pad_token_id: int = 0,
-    use_cache: bool = False,
-    debug: bool = False,
-) -> list[int]:
-    """Seed API: decode one prompt (a list of token ids); returns the generated ids.
-
-    ``use_cache=False`` re-runs the whole sequence every step (slow, for teaching);
-    ``use_cache=True`` feeds one token per step through the KV cache. Both give the same
-    tokens.
-    """
-    from decodekit.api import generate
-
-    out = generate(
-        model,
-        [list(inputs)],
-        strategy="greedy" if logits_processor.is_greedy else "sample",
-        max_new_tokens=max_gen_len,
-        logits_processor=logits_processor,
-        eos_token_id=eos_tokens_id,
-        pad_token_id=pad_token_id,
-        use_cache=use_cache,
-        debug=debug,
-    )
-    return out.sequences[0]

@@ -40,7 +40,7 @@ from decodekit.processors import top_k_filtering
 from decodekit.strategies.base import DecodeRequest
 from decodekit.validation import DecodeKitError, check_choice, check_float, check_int
 
-__all__ = ["decode", "beam_search_generate", "format_beam_trace", "LengthPenalty"]
+__all__ = ["decode", "format_beam_trace", "LengthPenalty"]
 
 log = logging.getLogger(__name__)
 
@@ -297,41 +297,3 @@ def _shown(beam: dict, tokenizer) -> str:
         text = tokenizer.decode(beam["tokens"], skip_special_tokens=False)
     return repr(text) if text is not None else str(beam["tokens"])
 
-
-# ---------------------------------------------------------------------------- seed API
-def beam_search_generate(
-    inputs: list[int],
-    model,
-    max_gen_len: int = 40,
-    num_beams: int = 4,
-    top_k: int = 3,
-    min_length: float = 5.0,
-    alpha: float = 1.2,
-    eos_tokens_id: int | list[int] = 1,
-    pad_token_id: int = 0,
-    debug: bool = False,
-    tokenizer=None,
-) -> list[int]:
-    """Seed API: GNMT-penalised beam search of one prompt; returns the best sequence's
-    generated ids. Each beam expands only its ``top_k`` best tokens; ``min_length`` and
-    ``alpha`` are the constants of the GNMT length penalty (see the module docstring)."""
-    from decodekit.api import generate
-
-    out = generate(
-        model,
-        [list(inputs)],
-        strategy="beam",
-        max_new_tokens=max_gen_len,
-        num_beams=num_beams,
-        expansion_top_k=top_k,
-        length_style="gnmt",
-        gnmt_min_length=min_length,
-        length_penalty=alpha,
-        eos_token_id=eos_tokens_id,
-        pad_token_id=pad_token_id,
-        tokenizer=tokenizer,
-        debug=debug,
-    )
-    if debug:
-        log.info("beam search trace:\n%s", format_beam_trace(out.debug, tokenizer))
-    return out.sequences[0]

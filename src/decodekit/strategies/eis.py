@@ -43,11 +43,12 @@ import torch
 from torch import Tensor
 
 from decodekit.cache import ModelState
+from decodekit.model_info import vocab_size
 from decodekit.processors import top_p_filtering
 from decodekit.strategies.base import DecodeRequest, drop_finished
 from decodekit.validation import DecodeKitError, check_choice, check_float, check_int, check_top_p
 
-__all__ = ["decode", "ExtendedInferenceSampler", "format_eis_trace", "ROLLOUT_MODES"]
+__all__ = ["decode", "format_eis_trace", "ROLLOUT_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,6 @@ def _check_options(lookahead_steps, discount_factor, top_k, temperature, top_p, 
     temperature = 1.0 if not temperature else float(temperature)
     top_p = 1.0 if top_p is None else float(check_top_p(top_p))
     return temperature, top_p
-
-
-def _vocab_size(model) -> int | None:
-    from decodekit.api import _vocab_size as vocab_size
-
-    return vocab_size(model)
 
 
 # ---------------------------------------------------------------------- scoring
@@ -202,7 +197,7 @@ def decode(
     ``temperature``/``top_p`` shape the scoring distribution; ``rollout_mode``: how
     rollout tokens are chosen ("greedy" or "sample", seeded by ``seed``)."""
     temperature, top_p = _check_options(
-        lookahead_steps, discount_factor, top_k, temperature, top_p, rollout_mode, _vocab_size(req.model)
+        lookahead_steps, discount_factor, top_k, temperature, top_p, rollout_mode, vocab_size(req.model)
     )
     if not req.processor.is_greedy:
         raise DecodeKitError("strategy 'eis' takes temperature/top_k/top_p, not a logits_processor")
@@ -235,113 +230,3 @@ def decode(
         step += 1
     return tracker.result(debug=trace if req.debug else None)
 
-
-# ---------------------------------------------------------------------- the seed's class
-class ExtendedInferenceSampler:
-    """The seed's interface, a thin wrapper over ``decode`` (same code, same results).
-
-    ``generate(input_ids, generation_config)`` returns ``[B, T + new]`` token ids (finished
-    rows padded with the pad id); ``last_output`` holds the full ``GenerationOutput``
-    (stats, and the per-step trace when ``debug=True``).
-    """
-
-    def __init__(
-        self,
-        model,
-        tokenizer=None,
-        lookahead_steps: int = 3,
-        discount_factor: float = 0.9,
-        top_k: int = 5,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        rollout_mode: str = "greedy",
-        use_cache: bool = True,
-        debug: bool = False,
-    ):
-        _check_options(lookahead_steps, discount_factor, top_k, temperature, top_p, rollout_mode, _vocab_size(model))
-        self.model = model
-        self.tokenizer = tokenizer
-        self.lookahead_steps = lookahead_steps
-        self.discount_factor = discount_factor
-        self.top_k = top_k
-        self.temperature = temperature
-        self.top_p = top_p
-        self.rollout_mode = rollout_mode
-        self.use_cache = use_cache
-        self.debug = debug
-        self.last_output = None
-
-    def _options(self) -> dict:
-        return dict(
-            lookahead_steps=self.lookahead_steps, discount_factor=self.discount_factor, top_k=self.top_k,
-            temperature=self.temperature, top_p=self.top_p, rollout_mode=self.rollout_mode,
-        )
-
-    def _scorer(self) -> _Scorer:
-        temperature, top_p = _check_options(**self._options(), vocab_size=_vocab_size(self.model))
-        eos = _eos_ids(None, self.model)
-        return _Scorer(temperature, top_p, self.rollout_mode == "greedy", None, eos)
-
-    @torch.inference_mode()
-    def _rollout_batch(self, candidate_ids: Tensor, model_kwargs: dict | None = None) -> Tensor:
-        """``candidate_ids [N, T]`` (context + candidate, left padded; ``model_kwargs`` may
-        hold its ``attention_mask``) -> ``[N]`` discounted rollout sums
-        ``sum_{t=1..L} gamma^t log p(c_t | x, c, c_<t)`` (``log p(c|x)`` not included)."""
-        mask = (model_kwargs or {}).get("attention_mask")
-        state, logits = ModelState.prefill(self.model, candidate_ids, mask, use_cache=self.use_cache)
-        scorer = self._scorer()
-        alive = ~scorer.is_eos(state.ids[:, -1])
-        future, _ = rollout(state, logits[:, -1], alive, self.lookahead_steps, self.discount_factor, scorer)
-        return future
-
-    def generate(self, input_ids: Tensor, generation_config=None, attention_mask: Tensor | None = None, **model_kwargs):
-        """``input_ids [B, T]`` (or ``[T]``) -> ``[B, T + new]``; ``generation_config`` (a
-        transformers ``GenerationConfig``) supplies ``max_new_tokens`` and ``eos_token_id``."""
-        from decodekit.api import generate
-
-        attention_mask = model_kwargs.pop("attention_mask", attention_mask)
-        if model_kwargs:
-            raise DecodeKitError(f"unsupported model kwargs for EIS: {', '.join(model_kwargs)}")
-        ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
-        eos = _eos_ids(generation_config, self.model)
-        pad = _pad_id(generation_config, self.tokenizer, eos)
-        out = generate(
-            self.model, ids, attention_mask, strategy="eis", max_new_tokens=_max_new_tokens(generation_config, ids),
-            eos_token_id=eos, pad_token_id=pad, tokenizer=self.tokenizer, use_cache=self.use_cache,
-            debug=self.debug, **self._options(),
-        )
-        self.last_output = out
-        if self.debug:
-            log.info("EIS trace:\n%s", format_eis_trace(out.debug, self.tokenizer))
-        width = max(len(s) for s in out.sequences)
-        new = torch.full((ids.shape[0], width), pad, dtype=ids.dtype, device=ids.device)
-        for b, seq in enumerate(out.sequences):
-            new[b, : len(seq)] = torch.tensor(seq, dtype=ids.dtype)
-        return torch.cat([ids, new], dim=1)
-
-
-def _eos_ids(generation_config, model) -> list[int]:
-    eos = getattr(generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-def _pad_id(generation_config, tokenizer, eos: list[int]) -> int:
-    for pad in (getattr(generation_config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None)):
-        if pad is not None:
-            return int(pad)
-    return eos[0] if eos else 0
-
-
-def _max_new_tokens(generation_config, ids: Tensor) -> int:
-    """``max_new_tokens``, else ``max_length - T``, else transformers' default of 20 tokens."""
-    if generation_config is None:
-        return 20
-    if generation_config.max_new_tokens is not None:
-        return generation_config.max_new_tokens
-    if getattr(generation_config, "max_length", None) is not None:
-        return max(1, generation_config.max_length - ids.shape[1])
-    return 20

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from decodekit.model_info import vocab_size
 from decodekit.ngram_storage import INgramStorage, NGramStorage, update_many
 from decodekit.outputs import GenerationOutput
 from decodekit.strategies.base import DecodeRequest
@@ -54,7 +55,6 @@ __all__ = [
     "PromptLookupDrafter",
     "decode",
     "decode_prompt_lookup",
-    "ngram_assisted_speculative_generate",
     "prompt_lookup_candidates",
 ]
 
@@ -325,12 +325,6 @@ class PromptLookupDrafter(_DeterministicDrafter):
 
 
 # ---------------------------------------------------------------------------- strategies
-def _model_vocab(model) -> int:
-    from decodekit.api import _vocab_size
-
-    return _vocab_size(model)
-
-
 def _check_common(ngram_n, gamma, draft_policy, show_drafts, first_target=True) -> None:
     check_int("ngram_n", ngram_n, min_value=2)
     check_int("gamma", gamma, min_value=1)
@@ -371,7 +365,7 @@ def decode(
     _check_common(ngram_n, gamma, draft_policy, show_drafts, first_target)
     check_int("filler_top_k", filler_top_k, min_value=1)
     check_choice("stop_if_unknown", stop_if_unknown, [True, False])
-    vocab = _model_vocab(req.model)
+    vocab = vocab_size(req.model)
     if storage is None:
         storage = NGramStorage(ngram_n, vocab)
     elif not isinstance(storage, INgramStorage):
@@ -405,39 +399,3 @@ def decode_prompt_lookup(
     policy, gate = _policy_and_gate(draft_policy, gamma)
     return speculative_loop(req, PromptLookupDrafter(ngram_n, gate), policy, show_drafts=show_drafts)
 
-
-def ngram_assisted_speculative_generate(
-    inputs: list[int],
-    ngramstorage: INgramStorage,
-    target,
-    tokenizer=None,
-    gamma: int = 5,
-    filler_top_k: int = 3,
-    logits_processor=None,
-    max_gen_len: int = 40,
-    eos_tokens_id: int | list[int] = 1,
-    pad_token_id: int = 0,
-    use_cache: bool = False,
-    first_target: bool = True,
-    stop_if_unknown: bool = False,
-    debug: bool = False,
-) -> tuple[list[int], float]:
-    """Seed API: one prompt (token ids) -> (generated ids, acceptance rate).
-
-    ``ngramstorage`` is initialised with the prompt and updated as tokens are verified
-    (it keeps its counts afterwards). ``logits_processor`` defaults to ``GreedyProcessor()``.
-    The acceptance rate is accepted / drafted (0.0 when nothing was drafted).
-    """
-    from decodekit.api import generate
-    from decodekit.processors import GreedyProcessor
-
-    if not isinstance(ngramstorage, INgramStorage):
-        raise DecodeKitError(f"ngramstorage must be an INgramStorage, got {type(ngramstorage).__name__}")
-    out = generate(
-        target, [list(inputs)], strategy="ngram", storage=ngramstorage, ngram_n=ngramstorage.n,
-        tokenizer=tokenizer, gamma=gamma, filler_top_k=filler_top_k,
-        logits_processor=logits_processor if logits_processor is not None else GreedyProcessor(),
-        max_new_tokens=max_gen_len, eos_token_id=eos_tokens_id, pad_token_id=pad_token_id,
-        use_cache=use_cache, first_target=first_target, stop_if_unknown=stop_if_unknown, debug=debug,
-    )
-    return out.sequences[0], out.stats[0].acceptance_rate

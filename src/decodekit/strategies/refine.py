@@ -49,7 +49,7 @@ from decodekit.strategies.base import DecodeRequest, drop_finished
 from decodekit.strategies.verify import verify
 from decodekit.validation import DecodeKitError, check_int
 
-__all__ = ["decode_refine", "decode_jacobi", "iterative_generate", "format_refine_trace"]
+__all__ = ["decode_refine", "decode_jacobi", "format_refine_trace"]
 
 log = logging.getLogger(__name__)
 
@@ -263,38 +263,6 @@ def decode_jacobi(req: DecodeRequest, *, block_size: int = 16, max_iterations: i
     if max_iterations is not None:
         check_int("max_iterations", max_iterations, min_value=1)
     return _decode_blocks(req, block_size, max_iterations)
-
-
-# ---------------------------------------------------------------------------- seed API
-def iterative_generate(model, input_ids: Tensor, attention_mask: Tensor | None = None,
-                       max_new_tokens: int = 1024, add_eos_length: int = 127,
-                       refine_iter: int | str = 2, max_length: int = 8192,
-                       eos_token_id: int | list[int] | None = None,
-                       pad_token_id: int | None = None) -> Tensor:
-    """Seed API: iterative block refinement of a batch of prompts (greedy).
-
-    ``input_ids``: ``[B, T]`` (or ``[T]``), left padded with ``attention_mask``. Returns what
-    the seed returns: the full sequences ``[B, T + L]``, each row its (left-padded) prompt
-    followed by its generated tokens, cut after the row's first generated EOS (kept) or at
-    ``max_new_tokens`` / ``max_length`` total tokens, and right-padded with ``pad_token_id``
-    (``L`` = the longest row's new tokens). See ``decode_refine`` for the algorithm;
-    ``refine_iter="converge"`` gives Jacobi decoding (= greedy). Lossy otherwise on a plain
-    causal LM. For stats and traces use ``decodekit.generate(..., strategy="refine")``.
-    """
-    from decodekit.api import _default_ids, generate, prepare_inputs
-
-    if pad_token_id is None:
-        pad_token_id = _default_ids(model)[1]
-        pad_token_id = 0 if pad_token_id is None else pad_token_id
-    ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id)
-    out = generate(model, ids, mask, strategy="refine", max_new_tokens=max_new_tokens,
-                   eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                   add_eos_length=add_eos_length, refine_iter=refine_iter, max_length=max_length)
-    width = max(len(s) for s in out.sequences)
-    new = torch.full((ids.shape[0], width), pad_token_id, dtype=torch.long)
-    for b, seq in enumerate(out.sequences):
-        new[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return torch.cat([ids.cpu(), new], dim=1)
 
 
 # ---------------------------------------------------------------------------- debug view

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from decodekit.cache import ModelState, left_pad
+from decodekit.model_info import vocab_size
 from decodekit.outputs import GenerationOutput
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.draft_policy import DraftPolicy, make_policy
@@ -45,7 +46,6 @@ __all__ = [
     "speculative_loop",
     "early_exit_model",
     "resolve_drafter",
-    "speculative_generate",
     "decode",
 ]
 
@@ -373,12 +373,6 @@ def early_exit_model(model, num_layers: int):
 
 
 # ---------------------------------------------------------------------------- options
-def _vocab(model) -> int:
-    from decodekit.api import _vocab_size
-
-    return _vocab_size(model)
-
-
 def _check_tokenizers(target_tok, draft_tok) -> None:
     if target_tok is None or draft_tok is None:
         return
@@ -408,7 +402,7 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
         raise DecodeKitError(
             f"drafter must be a causal LM, 'layers:N' or a model name/path; got {type(drafter).__name__}"
         )
-    target_vocab, draft_vocab = _vocab(req.model), _vocab(drafter)
+    target_vocab, draft_vocab = vocab_size(req.model), vocab_size(drafter)
     if target_vocab != draft_vocab:
         raise DecodeKitError(
             f"drafter vocabulary ({draft_vocab} tokens) differs from the target's ({target_vocab}): "
@@ -455,41 +449,3 @@ def decode(
     return speculative_loop(req, drafter, policy, first_target=first_target,
                             skip_sample_adjustment=skip_sample_adjustment, show_drafts=show_drafts)
 
-
-def speculative_generate(
-    inputs: list[int],
-    drafter,
-    target,
-    tokenizer=None,
-    gamma: int = 5,
-    use_egag: bool = False,
-    gamma_min: int = 1,
-    gamma_max: int | None = None,
-    egag_ema_beta: float = 0.0,
-    logits_processor=None,
-    max_gen_len: int = 40,
-    eos_tokens_id: int | list[int] = 1,
-    pad_token_id: int = 0,
-    use_cache: bool = False,
-    skip_sample_adjustment: bool = False,
-    first_target: bool = True,
-    debug: bool = False,
-) -> tuple[list[int], float]:
-    """Seed API: one prompt (token ids) -> (generated ids, acceptance rate).
-
-    ``logits_processor`` defaults to ``GreedyProcessor()``; ``use_egag`` selects the EGAG
-    policy. The acceptance rate is accepted / drafted (0.0 when nothing was drafted).
-    """
-    from decodekit.api import generate
-    from decodekit.processors import GreedyProcessor
-
-    out = generate(
-        target, [list(inputs)], strategy="speculative", drafter=drafter, tokenizer=tokenizer,
-        gamma=gamma, draft_policy="egag" if use_egag else "fixed", gamma_min=gamma_min,
-        gamma_max=gamma_max, egag_ema_beta=egag_ema_beta,
-        logits_processor=logits_processor if logits_processor is not None else GreedyProcessor(),
-        max_new_tokens=max_gen_len, eos_token_id=eos_tokens_id, pad_token_id=pad_token_id,
-        use_cache=use_cache, skip_sample_adjustment=skip_sample_adjustment, first_target=first_target,
-        debug=debug,
-    )
-    return out.sequences[0], out.stats[0].acceptance_rate
