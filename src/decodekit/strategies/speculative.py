@@ -395,7 +395,7 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
         from decodekit.models import load_model
 
         dtype = next(req.model.parameters()).dtype
-        model, tokenizer = load_model(drafter, dtype=dtype, device=str(req.model.device))
+        model, tokenizer = load_model(drafter, dtype=dtype, device=str(req.model.device), param="drafter")
         _check_tokenizers(req.tokenizer, tokenizer)
         drafter = model
     if not isinstance(drafter, nn.Module) or not hasattr(drafter, "config"):
