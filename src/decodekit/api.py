@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -14,41 +15,115 @@ from decodekit.outputs import GenerationOutput, RowTracker
 from decodekit.processors import GreedyProcessor, LogitsProcessor, make_processor
 from decodekit.strategies import STRATEGIES, get_strategy
 from decodekit.strategies.base import DecodeRequest
-from decodekit.validation import DecodeKitError, check_choice, check_int, normalize_eos
+from decodekit.validation import (
+    DecodeKitError,
+    check_choice,
+    check_int,
+    check_stop_strings,
+    check_token_ids,
+    normalize_eos,
+)
 
 __all__ = ["generate", "generate_super", "prepare_inputs"]
 
 
+_SHAPES = "shape [T] or [B, T] (a tensor, a list of token ids, or a list of lists of them)"
+
+
+def _tensor_inputs(input_ids: Tensor, attention_mask) -> tuple[Tensor, Tensor]:
+    """``[T]``/``[B, T]`` ids and a mask of the same shape (ones when None) -> ``[B, T]`` both."""
+    if input_ids.dim() not in (1, 2):
+        raise DecodeKitError(f"input_ids must have {_SHAPES}; got a tensor of shape {list(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise DecodeKitError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids  # [B, T]
+    if attention_mask is None:
+        return ids, torch.ones_like(ids)
+    mask = torch.as_tensor(attention_mask)
+    if mask.shape not in (input_ids.shape, ids.shape):
+        raise DecodeKitError(f"attention_mask has shape {list(mask.shape)}; it must match the shape "
+                             f"of input_ids, {list(input_ids.shape)}")
+    mask = mask.reshape(ids.shape)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise DecodeKitError("attention_mask must hold only 0 (padding) and 1 (token)")
+    return ids, mask.long()
+
+
+def _token(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(value)
+    return int(value)
+
+
+def _list_rows(input_ids) -> list[list[int]]:
+    """A list of token ids (one prompt) or a list of such lists -> rows of ints."""
+    try:
+        seq = list(input_ids)
+        rows = [seq] if seq and isinstance(seq[0], numbers.Integral) else seq
+        return [[_token(t) for t in (row.tolist() if isinstance(row, Tensor) else row)] for row in rows]
+    except TypeError:
+        raise DecodeKitError(f"input_ids must have {_SHAPES}; got {_describe(input_ids)}") from None
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def prepare_inputs(
-    input_ids, attention_mask: Tensor | None, pad_token_id: int
+    input_ids, attention_mask: Tensor | None, pad_token_id: int, vocab_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Accept ``[T]``/``[B, T]`` tensors or lists of ids; return left-padded ``ids, mask``.
 
     A right-padded batch (mask ending in 0) is re-aligned to the left, which decoding
-    needs. Every row must hold at least one real token.
+    needs. Every row must hold at least one real token; with ``vocab_size``, every token
+    and ``pad_token_id`` must be in the vocabulary.
     """
+    check_int("pad_token_id", pad_token_id)
+    check_token_ids("pad_token_id", [pad_token_id], vocab_size)
+    if attention_mask is not None and not isinstance(input_ids, Tensor):
+        try:
+            input_ids = torch.as_tensor(input_ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise DecodeKitError("with an attention_mask, input_ids must be rectangular [B, T] "
+                                 f"(rows of equal length); got {_describe(input_ids)}") from None
     if isinstance(input_ids, Tensor):
-        ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
-        if attention_mask is None:
-            mask = torch.ones_like(ids)
-        else:
-            mask = attention_mask.reshape(ids.shape).long()
+        ids, mask = _tensor_inputs(input_ids, attention_mask)  # [B, T] both
         rows = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
         needs_realign = ids.shape[1] == 0 or bool((mask[:, -1] == 0).any()) or bool(
             (mask[:, :-1] > mask[:, 1:]).any()
         )
+        ids = ids.masked_fill(mask == 0, pad_token_id)  # padding never reaches the embedding
     else:
-        seq = list(input_ids)
-        rows = [list(seq)] if seq and isinstance(seq[0], int) else [list(r) for r in seq]
+        rows = _list_rows(input_ids)
         needs_realign, ids, mask = True, None, None
     if not rows:
         raise DecodeKitError("input_ids must hold at least one prompt")
     for b, row in enumerate(rows):
         if len(row) == 0:
             raise DecodeKitError(f"prompt {b} is empty: every prompt needs at least one token")
+    check_token_ids("input_ids", [tok for row in rows for tok in row], vocab_size)
     if needs_realign:
         ids, mask = left_pad(rows, pad_token_id)
     return ids, mask
+
+
+def _check_room(prompt_lengths: list[int], max_new_tokens: int, context: int | None) -> None:
+    """The longest prompt plus ``max_new_tokens`` must fit in the model's context."""
+    if context is None:
+        return
+    longest = max(prompt_lengths)
+    if longest >= context:
+        raise DecodeKitError(
+            f"prompt is {longest} tokens; the model's context is {context} tokens "
+            "(prompt length must be below it)"
+        )
+    if longest + max_new_tokens > context:
+        raise DecodeKitError(
+            f"max_new_tokens={max_new_tokens} does not fit: the prompt is {longest} tokens and the "
+            f"model's context is {context}, so at most {context - longest} new tokens fit "
+            f"(prompt length + max_new_tokens must be <= {context})"
+        )
 
 
 def _make_processor(strategy, logits_processor, temperature, top_k, top_p) -> LogitsProcessor:
@@ -96,7 +171,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    stop_strings: Sequence[str] | None = None,
+    stop_strings: str | Sequence[str] | None = None,
     tokenizer=None,
     streamer=None,
     use_cache: bool = True,
@@ -110,7 +185,8 @@ def generate(
     options (``num_beams``, ``drafter``, ``gamma``...) go in ``**options``. Sampling knobs:
     ``temperature`` (0 = greedy), ``top_k``, ``top_p``, or a ``logits_processor``; ``seed``
     makes sampling reproducible. ``eos_token_id`` / ``pad_token_id`` default to the model's
-    generation config. ``streamer`` is ``callback(row, new_token_ids)`` or a transformers
+    generation config. ``stop_strings``: a string or a list of non-empty strings (needs
+    ``tokenizer``). ``streamer`` is ``callback(row, new_token_ids)`` or a transformers
     streamer. Returns a ``GenerationOutput`` with the new tokens and per-request stats.
     """
     check_choice("strategy", strategy, STRATEGIES)
@@ -129,14 +205,10 @@ def generate(
     eos_ids = normalize_eos(default_eos if eos_token_id is None else eos_token_id, vocab_size(model))
     if pad_token_id is None:
         pad_token_id = default_pad if default_pad is not None else 0
-    ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id)
+    ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id, vocab_size(model))
     prompt_lengths = mask.sum(-1).tolist()
-    context = context_length(model)
-    if context is not None and max(prompt_lengths) >= context:
-        raise DecodeKitError(
-            f"prompt is {max(prompt_lengths)} tokens; the model's context is {context} tokens "
-            "(prompt length must be below it)"
-        )
+    _check_room(prompt_lengths, max_new_tokens, context_length(model))
+    stop_strings = check_stop_strings(stop_strings)
     if stop_strings and tokenizer is None:
         raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")
     _split_options(func, options, strategy)

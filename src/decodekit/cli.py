@@ -207,7 +207,7 @@ def _validate_generate_args(args) -> None:
         check_top_p(args.top_p)
     for dest, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise DecodeKitError(f"--{dest} must be a finite number, got {value}")
+            raise DecodeKitError(f"{dest} must be a finite number, got {value}")
     if args.stop_strings is not None:
         check_stop_strings(args.stop_strings)
     if args.resume and not args.output_file:
