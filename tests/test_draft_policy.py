@@ -163,3 +163,81 @@ def test_make_policy_kinds():
     assert make_policy("fixed", gamma=4).choose([[1], [2]]).tolist() == [4, 4]
     assert isinstance(make_policy("egag", gamma=4, gamma_max=9), EgagPolicy)
     assert make_policy("cost", gamma=4).gamma_max == 4
+
+
+# ---------------------------------------------------------------------------- one interface, every drafter
+@pytest.mark.parametrize("options", [dict(gamma=129), dict(gamma=4, gamma_max=129), dict(gamma=-1)])
+def test_gamma_out_of_range_is_an_error_before_any_forward(llama, options):
+    calls = []
+    hook = llama.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(DecodeKitError, match=r"gamma(_max)? must be >= 1 and <= 128"):
+            make_policy("cost", **options)
+        with pytest.raises(DecodeKitError, match=r"gamma(_max)? must be >= 1 and <= 128"):
+            generate(llama, [[5, 6, 7]], strategy="speculative", drafter="layers:1", max_new_tokens=4, **options)
+        if "gamma_max" not in options:
+            with pytest.raises(DecodeKitError, match="gamma must be >= 1 and <= 128"):
+                generate(llama, [[5, 6, 7]], strategy="prompt_lookup", max_new_tokens=4, **options)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def _request(model, rows, max_new_tokens):
+    from decodekit.cache import left_pad
+    from decodekit.outputs import RowTracker
+    from decodekit.processors import GreedyProcessor
+    from decodekit.strategies.base import DecodeRequest
+
+    ids, mask = left_pad(rows, 0)
+    tracker = RowTracker([len(r) for r in rows], max_new_tokens=max_new_tokens)
+    return DecodeRequest(model, ids, mask, GreedyProcessor(), tracker, max_new_tokens)
+
+
+def test_draft_length_is_capped_by_the_remaining_tokens(llama):
+    from decodekit.strategies.speculative import ModelDrafter, speculative_loop
+
+    rows = [[5, 6, 7], [8, 9]]
+    want = generate(llama, rows, strategy="greedy", max_new_tokens=8, eos_token_id=[]).sequences
+    # a policy asking 1000 drafts (beyond the validated range, built directly)
+    out = speculative_loop(_request(llama, rows, 8), ModelDrafter(llama), dp.FixedPolicy(1000))
+    assert out.sequences == want
+    for s in out.stats:  # first token from the prefill: at most 7 tokens left to draft
+        assert 0 < max(s.draft_lengths) <= 7 and s.drafter_forwards <= 8 * len(s.draft_lengths)
+    for strategy, extra in [("speculative", dict(drafter=llama)), ("prompt_lookup", dict(draft_policy="fixed"))]:
+        out = generate(llama, [[5, 6, 7, 5, 6, 7, 5, 6]], strategy=strategy, gamma=128, max_new_tokens=8,
+                       eos_token_id=[], **extra)
+        assert max(out.stats[0].draft_lengths) <= 7, strategy
+
+
+def test_every_policy_with_every_drafter(llama):
+    """One list of policy names: adaptive drafts for a draft model, cost for n-grams; egag
+    needs a drafter with probabilities and says which policies fit the others."""
+    rows = [[5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 9, 10]]
+    want = generate(llama, rows, strategy="greedy", max_new_tokens=12, eos_token_id=[]).sequences
+    for strategy, extra in [("speculative", dict(drafter=llama)), ("ngram", {}), ("prompt_lookup", {})]:
+        for policy in dp.POLICIES:
+            if policy == "egag" and strategy != "speculative":
+                with pytest.raises(DecodeKitError, match="draft_policy must be one of 'fixed', 'cost', 'adaptive'"):
+                    generate(llama, rows, strategy=strategy, draft_policy=policy, max_new_tokens=4, **extra)
+                continue
+            out = generate(llama, rows, strategy=strategy, draft_policy=policy, gamma=3, max_new_tokens=12,
+                           eos_token_id=[], **extra)
+            assert out.sequences == want, (strategy, policy)
+    adaptive = generate(llama, rows, strategy="speculative", drafter=llama, draft_policy="adaptive", gamma=3,
+                        max_new_tokens=12, eos_token_id=[])
+    assert all(s.accepted > 0 for s in adaptive.stats)  # drafter == target: the gate stays open
+
+
+def test_cost_and_adaptive_share_one_acceptance_estimator():
+    cost, adaptive = CostPolicy(1, 4), dp.AdaptivePolicy(4)
+    adaptive.rows, adaptive.shadow, adaptive.levels = [{}], [None], [0]
+    for _ in range(5):
+        cost.observe(torch.tensor([3]), torch.tensor([1]))
+        adaptive.observe(torch.tensor([3]), torch.tensor([1]))
+    assert isinstance(cost.estimate, dp.Acceptance) and isinstance(adaptive.estimate(0, 0), dp.Acceptance)
+    assert cost.acceptance == adaptive.estimate(0, 0).rate == pytest.approx(
+        (sum(0.9**i for i in range(5)) + 0.5) / (2 * sum(0.9**i for i in range(5)) + 0.75))
+    from decodekit import AcceptanceGate
+
+    assert AcceptanceGate is dp.AdaptivePolicy

@@ -62,7 +62,7 @@ def test_gate_closes_after_rejections_and_reopens_on_shadow_hits():
     assert gate.budget(0, 2, 4) > 0  # prior a = 1/2: drafting pays
     assert gate.budget(0, 2, 0) == 0  # nothing to draft
     for _ in range(6):
-        gate.observe(0, 2, drafted=4, accepted=0)
+        gate.observe_row(0, 2, drafted=4, accepted=0)
     assert gate.budget(0, 2, 4) == 0  # drafts keep failing: plain steps
     assert gate.budget(0, 3, 4) > 0  # other evidence levels keep their own estimate
     for step in range(12):  # withheld drafts that would have been right
@@ -146,7 +146,8 @@ def test_sampling_follows_the_target_distribution(llama, strategy):
     seqs = torch.tensor([s[:2] for s in out.sequences])
     stats = out.stats
     accepted = sum(s.accepted for s in stats)
-    assert accepted > n // 4 and accepted < sum(s.drafted for s in stats)  # both paths exercised
+    # both paths exercised (prompt lookup: 1 draft per row, capped by the 1 token left after the first)
+    assert accepted > n // 10 and accepted < sum(s.drafted for s in stats)
     for pos, exact in ((0, p1), (1, p2)):
         freq = torch.bincount(seqs[:, pos], minlength=exact.numel()).double() / n
         tv = 0.5 * (freq - exact.double()).abs().sum().item()

@@ -1,7 +1,15 @@
-"""Draft-length policies: how many tokens the drafter proposes before each verify step.
+"""Draft-length policies: how many tokens a drafter sends to the target each verify step.
 
-A policy answers ``choose(rows) -> budget [B]`` (drafts per active row) and learns from
-``observe(drafted [B], accepted [B])`` after each verify step.
+Every policy works with every drafter (draft model, self-speculative, n-grams, prompt
+lookup) through one interface, used by the one speculative loop:
+
+* ``check(drafter)`` - before any forward: can this policy work with that drafter?
+* ``choose(rows) -> budget [B]`` - before drafting, an upper budget per active row (the
+  loop then caps it by each row's remaining tokens: drafts past ``max_new_tokens`` are waste),
+* ``trim(draft, rows) -> Draft`` - after drafting: keep a prefix of each row's drafts,
+* ``observe(drafted [B], accepted [B])`` - after each verify step.
+
+The policies (``POLICIES``):
 
 * ``fixed``: always ``gamma``.
 * ``egag`` (entropy-guided adaptive gamma, SPEC §5): per row, the drafter's distribution for
@@ -11,9 +19,16 @@ A policy answers ``choose(rows) -> budget [B]`` (drafts per active row) and lear
   ``beta * ema + (1 - beta) * g``, budget ``round(ema)``). A confident drafter drafts long,
   an unsure one short. The drafter forward that produced those probabilities is reused as
   the first draft step (``ModelDrafter.first_logits``), so EGAG costs no extra forward.
-* ``cost``: pick the ``k`` that maximises expected tokens per second, from the measured
-  cost of a target forward with ``n`` tokens on this machine and the running acceptance
-  rate (see ``CostPolicy``).
+  Needs a drafter with probabilities (a draft model).
+* ``cost``: one ``k`` for the batch that maximises expected tokens per second, from the
+  measured cost of a target forward with ``n`` tokens on this machine and the running
+  acceptance (see ``CostPolicy``).
+* ``adaptive``: per row and per *evidence level* of the drafter (``Draft.evidence``: prompt
+  lookup's match length, the n-gram order; one level for a draft model) the ``k`` that
+  maximises expected tokens per second of one row, possibly 0 (see ``AdaptivePolicy``).
+
+``cost`` and ``adaptive`` estimate the per-token acceptance with the same estimator,
+``Acceptance``.
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -32,22 +48,33 @@ __all__ = [
     "FixedPolicy",
     "EgagPolicy",
     "CostPolicy",
+    "AdaptivePolicy",
+    "AcceptanceGate",
+    "Acceptance",
     "CostCurve",
     "POLICIES",
+    "GAMMA_LIMIT",
     "make_policy",
     "forward_cost_curve",
     "expected_tokens",
     "egag_gamma",
 ]
 
+POLICIES = ("fixed", "egag", "cost", "adaptive")
+GAMMA_LIMIT = 128  # drafts per step at most: longer drafts only cost (verification grows linearly)
+
 
 class DraftPolicy:
     """Base class: a fixed budget of ``gamma`` drafts per row."""
 
     name = "fixed"
+    gamma_min = 0  # the loop never caps a row's budget below this (egag and cost: their gamma_min)
 
     def __init__(self, gamma: int = 5):
         self.gamma = gamma
+
+    def check(self, drafter) -> None:
+        """Before any forward: raise ``DecodeKitError`` if ``drafter`` cannot serve this policy."""
 
     def start(self, req, drafter) -> None:
         """Once, before the first step (after the drafter's prefill)."""
@@ -56,15 +83,56 @@ class DraftPolicy:
         """Draft budget per active row, ``[B]`` ints >= 0."""
         return torch.full((len(rows),), self.gamma, dtype=torch.long)
 
+    def trim(self, draft, rows: list[list[int]]):
+        """After drafting: the drafts to verify (a prefix per row). Default: all of them."""
+        return draft
+
     def observe(self, drafted: Tensor, accepted: Tensor) -> None:
         """After each verify step: drafts proposed and accepted per row, ``[B]``."""
 
     def select_rows(self, index: Tensor) -> None:
-        """Finished rows left the batch."""
+        """Finished rows left the batch: keep rows ``index [B']``."""
 
 
 class FixedPolicy(DraftPolicy):
     """Always ``gamma`` drafts."""
+
+
+# ---------------------------------------------------------------------------- acceptance
+ACCEPTANCE_DECAY = 0.9  # observations forget by this factor per update
+PRIOR_ACCEPTED, PRIOR_REJECTED = 0.5, 0.25  # a fixed prior: a = 2/3 with the weight of 0.75 drafts
+
+
+def expected_tokens(k: int, a: float) -> float:
+    """Expected tokens emitted by one verify step with ``k`` drafts, each accepted
+    independently with probability ``a``: ``1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)``."""
+    if a >= 1.0:
+        return float(k + 1)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+class Acceptance:
+    """The one estimate of the per-token acceptance ``a`` (``cost`` and ``adaptive`` use it).
+
+    ``a`` is the maximum-likelihood estimate for a truncated geometric, ``accepted /
+    (accepted + rejections)``, where a rejection is a step that accepted fewer drafts than
+    it drafted. The counts forget exponentially (``ACCEPTANCE_DECAY`` per update) so the
+    estimate follows the text, and a fixed prior (``PRIOR_ACCEPTED`` / ``PRIOR_REJECTED``:
+    a = 2/3, weak) is added: after a stretch without drafting the estimate drifts back to
+    2/3 and the policy probes again.
+    """
+
+    def __init__(self):
+        self.accepted, self.rejected = 0.0, 0.0  # decayed observations
+
+    def add(self, accepted: float, rejected: float) -> None:
+        self.accepted = ACCEPTANCE_DECAY * self.accepted + accepted
+        self.rejected = ACCEPTANCE_DECAY * self.rejected + rejected
+
+    @property
+    def rate(self) -> float:
+        prior = PRIOR_ACCEPTED + PRIOR_REJECTED
+        return (self.accepted + PRIOR_ACCEPTED) / (self.accepted + self.rejected + prior)
 
 
 # ---------------------------------------------------------------------------- EGAG
@@ -89,12 +157,15 @@ class EgagPolicy(DraftPolicy):
         self.drafter = None
         self.temperature = 1.0
 
-    def start(self, req, drafter) -> None:
+    def check(self, drafter) -> None:
         if not hasattr(drafter, "first_logits"):
+            others = ", ".join(repr(n) for n in POLICIES if n != "egag")
             raise DecodeKitError(
-                f"draft_policy 'egag' needs a drafter with probabilities (a draft model); "
-                f"{drafter.name!r} has none: use draft_policy 'fixed' or 'cost'"
+                f"draft_policy must be one of {others} with drafter {drafter.name!r}: 'egag' reads "
+                "a draft model's probabilities, which it has none of"
             )
+
+    def start(self, req, drafter) -> None:
         self.drafter = drafter
         self.temperature = float(getattr(req.processor, "temperature", 1.0) or 1.0)
 
@@ -188,14 +259,6 @@ def forward_cost_curve(model, max_tokens: int, *, context: int = 64, repeats: in
     return curve
 
 
-def expected_tokens(k: int, a: float) -> float:
-    """Expected tokens emitted by one verify step with ``k`` drafts, each accepted
-    independently with probability ``a``: ``1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)``."""
-    if a >= 1.0:
-        return float(k + 1)
-    return (1.0 - a ** (k + 1)) / (1.0 - a)
-
-
 class CostPolicy(DraftPolicy):
     """Cost-aware draft length: maximise expected tokens per second.
 
@@ -207,31 +270,26 @@ class CostPolicy(DraftPolicy):
     (``forward_cost_curve``, batch 1; ``B`` rows of ``k + 1`` tokens go through the
     matmuls like ``B * (k + 1)`` tokens of one row) and ``t_draft(B)`` the drafter's cost of
     one drafting step (``Drafter.step_cost``: a forward of the draft model, ~0 for n-grams).
-    If every draft is accepted independently with probability ``a``, the step emits
-    ``E(k, a) = (1 - a^(k+1)) / (1 - a)`` tokens per row, so the policy picks
+    If every draft is accepted independently with probability ``a`` (``Acceptance``), the
+    step emits ``E(k, a) = (1 - a^(k+1)) / (1 - a)`` tokens per row, so the policy picks
 
         k* = argmax_{k in {0} + [gamma_min, gamma_max]}  B * E(k, a) / T(k).
 
-``k = 0`` (plain decoding, one token per target forward) is always a candidate, so the
-policy stops speculating when speculation cannot pay (a slow or inaccurate drafter).
+    ``k = 0`` (plain decoding, one token per target forward) is always a candidate, so the
+    policy stops speculating when speculation cannot pay (a slow or inaccurate drafter).
 
     On a CPU ``t_target(n)`` is nearly flat for small ``n`` (reading the weights dominates)
     and then grows linearly (compute dominates); the knee of that curve and ``a`` decide
-    how long drafting pays. ``a`` is the maximum-likelihood estimate of the per-token
-    acceptance of a truncated geometric: ``accepted / (accepted + rejections)`` where a
-    rejection is a step that accepted fewer drafts than it drafted. The observed counts
-    forget exponentially (``decay`` per step) so the estimate follows the text; a fixed
-    prior of 2 accepted / 1 rejected is added, so after a stretch without drafting the
-    estimate drifts back to 2/3 and the policy probes again. The cost curves are measured
-    once per model/dtype/device (about a second).
+    how long drafting pays. The cost curves are measured once per model/dtype/device
+    (about a second).
     """
 
     name = "cost"
 
-    def __init__(self, gamma_min: int, gamma_max: int, decay: float = 0.95):
+    def __init__(self, gamma_min: int, gamma_max: int):
         super().__init__(gamma_max)
-        self.gamma_min, self.gamma_max, self.decay = gamma_min, gamma_max, decay
-        self.accepted, self.rejected = 0.0, 0.0  # decayed observations
+        self.gamma_min, self.gamma_max = gamma_min, gamma_max
+        self.estimate = Acceptance()
         self.curve: CostCurve | None = None
         self.drafter = None
         self.last_choice: int | None = None
@@ -239,11 +297,18 @@ policy stops speculating when speculation cannot pay (a slow or inaccurate draft
     def start(self, req, drafter) -> None:
         self.drafter = drafter
         batch = req.input_ids.shape[0]
+        self.gamma_max = min(self.gamma_max, max(req.max_new_tokens, self.gamma_min))  # longer is waste
         self.curve = forward_cost_curve(req.model, batch * (self.gamma_max + 1))
+
+    # the estimate's counts, readable and settable here
+    accepted = property(lambda self: self.estimate.accepted,
+                        lambda self, v: setattr(self.estimate, "accepted", v))
+    rejected = property(lambda self: self.estimate.rejected,
+                        lambda self, v: setattr(self.estimate, "rejected", v))
 
     @property
     def acceptance(self) -> float:
-        return (self.accepted + 2.0) / (self.accepted + self.rejected + 3.0)  # prior 2/3
+        return self.estimate.rate
 
     def tokens_per_second(self, k: int, batch: int) -> float:
         seconds = self.curve(batch * (k + 1)) + k * self.drafter.step_cost(batch)
@@ -258,14 +323,95 @@ policy stops speculating when speculation cannot pay (a slow or inaccurate draft
 
     def observe(self, drafted: Tensor, accepted: Tensor) -> None:
         drafted, accepted = drafted.cpu(), accepted.cpu()
-        self.accepted = self.decay * self.accepted + float(accepted.sum())
-        self.rejected = self.decay * self.rejected + float((accepted < drafted).sum())
+        self.estimate.add(float(accepted.sum()), float((accepted < drafted).sum()))
+
+
+# ---------------------------------------------------------------------------- adaptive
+class AdaptivePolicy(DraftPolicy):
+    """Per-row, per-evidence-level draft length from measured acceptance.
+
+    Drafts cost target compute: on a CPU a forward over ``k + 1`` tokens is measurably
+    slower than over 1. For each row and each evidence level of the drafter (``Draft.evidence``)
+    an ``Acceptance`` estimate ``a`` is kept; after drafting, a row sends the ``k`` (0 up to
+    its drafts) that maximises ``E(k, a) / cost(k + 1)`` (``cost``: the measured
+    ``forward_cost_curve``, batch 1). ``k = 0`` is a plain decoding step. While a level is
+    gated off, its would-be first draft is still compared with the token the target then
+    emits ("shadow" verification, free), so the gate re-opens when the text starts to
+    repeat. Also importable as ``AcceptanceGate`` (its first name).
+    """
+
+    name = "adaptive"
+
+    def __init__(self, gamma: int):
+        super().__init__(gamma)
+        self.rows: list[dict[int, Acceptance]] = []  # per row: level -> estimate
+        self.shadow: list[tuple[int, int, int] | None] = []  # (level, first draft, position)
+        self.levels: list[int] = []  # per row: level of the drafts sent last step
+        self.cost: list[float] = []  # cost[k]: seconds of a forward over k + 1 tokens
+
+    def start(self, req, drafter) -> None:
+        top = min(self.gamma, req.max_new_tokens)  # longer drafts are never sent
+        curve = forward_cost_curve(req.model, top + 1)
+        self.cost = [curve(k + 1) for k in range(top + 1)]
+        batch = req.input_ids.shape[0]
+        self.rows, self.shadow, self.levels = [{} for _ in range(batch)], [None] * batch, [0] * batch
+
+    def estimate(self, row: int, level: int) -> Acceptance:
+        return self.rows[row].setdefault(level, Acceptance())
+
+    def budget(self, row: int, level: int, available: int) -> int:
+        """Drafts worth sending now (0..available) for a row whose evidence is ``level``."""
+        if available == 0:
+            return 0
+        a = self.estimate(row, level).rate
+        ks = range(min(available, len(self.cost) - 1) + 1)
+        return max(ks, key=lambda k: expected_tokens(k, a) / self.cost[k])
+
+    def trim(self, draft, rows: list[list[int]]):
+        levels = draft.evidence if draft.evidence is not None else [0] * len(rows)
+        sent = []
+        for i, (history, level, n) in enumerate(zip(rows, levels, draft.drafted.tolist(), strict=True)):
+            self.check_shadow(i, history)
+            sent.append(self.budget(i, level, n))
+            if sent[-1] == 0 and n:
+                self.withhold(i, level, int(draft.tokens[i, 0]), len(history))
+        self.levels = list(levels)
+        return replace(draft, drafted=torch.tensor(sent, dtype=torch.long, device=draft.drafted.device))
+
+    def observe(self, drafted: Tensor, accepted: Tensor) -> None:
+        for i, (n, a) in enumerate(zip(drafted.tolist(), accepted.tolist(), strict=True)):
+            if n:
+                self.observe_row(i, self.levels[i], n, a)
+
+    def observe_row(self, row: int, level: int, drafted: int, accepted: int) -> None:
+        """One row's verify result for drafts of evidence ``level``."""
+        self.estimate(row, level).add(accepted, int(accepted < drafted))
+
+    def check_shadow(self, row: int, history: list[int]) -> None:
+        """Score the first draft withheld last step against the token emitted instead."""
+        pending = self.shadow[row]
+        if pending is None:
+            return
+        level, token, position = pending
+        if position < len(history):
+            hit = int(history[position] == token)
+            self.estimate(row, level).add(hit, 1 - hit)
+        self.shadow[row] = None
+
+    def withhold(self, row: int, level: int, token: int, position: int) -> None:
+        self.shadow[row] = (level, token, position)
+
+    def select_rows(self, index: Tensor) -> None:
+        keep = index.tolist()
+        self.rows = [self.rows[i] for i in keep]
+        self.shadow = [self.shadow[i] for i in keep]
+        self.levels = [self.levels[i] for i in keep]
+
+
+AcceptanceGate = AdaptivePolicy  # its first name (public since the n-gram strategies)
 
 
 # ---------------------------------------------------------------------------- factory
-POLICIES = ("fixed", "egag", "cost")
-
-
 def make_policy(
     name: str = "fixed",
     *,
@@ -274,12 +420,15 @@ def make_policy(
     gamma_max: int | None = None,
     egag_ema_beta: float = 0.0,
 ) -> DraftPolicy:
-    """Validate the draft-length options and build the policy (``gamma_max`` None -> gamma)."""
+    """Validate the draft-length options and build the policy (``gamma_max`` None -> gamma).
+
+    ``fixed`` drafts ``gamma``; ``egag`` / ``cost`` / ``adaptive`` choose up to ``gamma_max``
+    (``egag`` and ``cost`` at least ``gamma_min``)."""
     check_choice("draft_policy", name, POLICIES)
-    check_int("gamma", gamma, min_value=1)
+    _check_gamma("gamma", gamma)
     check_int("gamma_min", gamma_min, min_value=1)
     if gamma_max is not None:
-        check_int("gamma_max", gamma_max, min_value=1)
+        _check_gamma("gamma_max", gamma_max)
     top = gamma if gamma_max is None else gamma_max
     if gamma_min > top:
         raise DecodeKitError(
@@ -293,4 +442,12 @@ def make_policy(
         return EgagPolicy(gamma_min, top, egag_ema_beta)
     if name == "cost":
         return CostPolicy(gamma_min, top)
+    if name == "adaptive":
+        return AdaptivePolicy(top)
     return FixedPolicy(gamma)
+
+
+def _check_gamma(name: str, value) -> None:
+    check_int(name, value)
+    if not 1 <= value <= GAMMA_LIMIT:
+        raise DecodeKitError(f"{name} must be >= 1 and <= {GAMMA_LIMIT} (drafts per step), got {value}")

@@ -16,22 +16,18 @@ Greedy output is therefore token-identical to greedy decoding, sampled output fo
   runs into the present continues periodically, which drafts repetitions in full).
   transformers takes the *first* (oldest), shortest-first match instead.
 
-Adaptive drafting (``draft_policy="adaptive"``). Drafts cost target compute: on a CPU a
-forward over ``k + 1`` tokens is measurably slower than over 1. ``AcceptanceGate`` keeps, per
-row and per *evidence level* (prompt lookup: match length; NASD: n-gram order of the first
-draft), an estimate ``a`` of the per-token acceptance (accepted / (accepted + rejections),
-exponentially forgetting) and drafts the ``k`` that maximises ``E(k, a) / cost(k + 1)``
-(``expected_tokens`` and the measured ``forward_cost_curve`` of ``draft_policy.py``). ``k``
-may be 0: a plain decoding step. While a level is gated off, its would-be first draft is
-still compared with the token the target then emits ("shadow" verification, free), so the
-gate re-opens when the text starts to repeat the prompt.
+Draft length (``draft_policy``): any policy of ``draft_policy.py`` except ``egag`` (which
+reads a draft model's probabilities). The default, ``adaptive``, decides per row and per
+*evidence level* (``Draft.evidence``: prompt lookup's match length, NASD's n-gram order of
+the first draft) how many drafts pay for their verification cost, possibly none: on a CPU a
+forward over ``k + 1`` tokens is measurably slower than over 1, and on open chat fixed
+drafting is much slower than greedy decoding.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -40,12 +36,8 @@ from decodekit.model_info import vocab_size
 from decodekit.ngram_storage import INgramStorage, NGramStorage, update_many
 from decodekit.outputs import GenerationOutput
 from decodekit.strategies.base import DecodeRequest
-from decodekit.strategies.draft_policy import (
-    expected_tokens,
-    forward_cost_curve,
-    make_policy,
-)
-from decodekit.strategies.speculative import Draft, Drafter, prompt_rows, speculative_loop
+from decodekit.strategies.draft_policy import AcceptanceGate, make_policy
+from decodekit.strategies.speculative import Draft, Drafter, speculative_loop
 from decodekit.strategies.verify import VerifyResult
 from decodekit.validation import DecodeKitError, check_choice, check_int
 
@@ -60,93 +52,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DRAFT_POLICIES = ("fixed", "adaptive", "cost")
-
-
-# ---------------------------------------------------------------------------- adaptive gate
-@dataclass
-class _Estimate:
-    """Forgetting counts of accepted drafts and rejections (prior: a = 1/2)."""
-
-    accepted: float = 1.0
-    rejected: float = 1.0
-
-    def add(self, accepted: int, rejected: int, decay: float) -> None:
-        self.accepted = decay * self.accepted + accepted
-        self.rejected = decay * self.rejected + rejected
-
-    @property
-    def rate(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
-
-
-class AcceptanceGate:
-    """Per-row, per-evidence-level draft length from measured acceptance (module docstring)."""
-
-    def __init__(self, gamma: int, decay: float = 0.8):
-        self.gamma, self.decay = gamma, decay
-        self.rows: list[dict[int, _Estimate]] = []
-        self.shadow: list[tuple[int, int, int] | None] = []  # (level, first draft, position)
-        self.cost: list[float] = []  # cost[k]: seconds of a forward over k + 1 tokens
-
-    def start(self, model, batch: int) -> None:
-        curve = forward_cost_curve(model, self.gamma + 1)
-        self.cost = [curve(k + 1) for k in range(self.gamma + 1)]
-        self.rows = [{} for _ in range(batch)]
-        self.shadow = [None] * batch
-
-    def estimate(self, row: int, level: int) -> _Estimate:
-        return self.rows[row].setdefault(level, _Estimate())
-
-    def budget(self, row: int, level: int, available: int) -> int:
-        """Drafts worth sending now (0..available) for a row whose evidence is ``level``."""
-        if available == 0:
-            return 0
-        a = self.estimate(row, level).rate
-        ks = range(min(available, self.gamma) + 1)
-        return max(ks, key=lambda k: expected_tokens(k, a) / self.cost[k])
-
-    def observe(self, row: int, level: int, drafted: int, accepted: int) -> None:
-        self.estimate(row, level).add(accepted, int(accepted < drafted), self.decay)
-
-    def check_shadow(self, row: int, history: list[int]) -> None:
-        """Score the first draft withheld last step against the token emitted instead."""
-        pending = self.shadow[row]
-        if pending is None:
-            return
-        level, token, position = pending
-        if position < len(history):
-            hit = int(history[position] == token)
-            self.estimate(row, level).add(hit, 1 - hit, self.decay)
-        self.shadow[row] = None
-
-    def withhold(self, row: int, level: int, token: int, position: int) -> None:
-        self.shadow[row] = (level, token, position)
-
-    def select_rows(self, keep: list[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
-        self.shadow = [self.shadow[i] for i in keep]
-
-
 # ---------------------------------------------------------------------------- drafters
 class _DeterministicDrafter(Drafter):
-    """Shared part of the n-gram drafters: candidates per row -> ``Draft`` (q=None), the
-    optional adaptive gate, and per-row bookkeeping. Subclasses implement ``start_row``,
-    ``candidates(i, history, k) -> (level, tokens)`` and may override ``after_verify``."""
-
-    def __init__(self, gate: AcceptanceGate | None = None):
-        self.gate = gate
-        self.levels: list[int] = []  # evidence level of each row's last proposal
-        self.proposed_at: list[int] = []  # history length at the last proposal
+    """Shared part of the n-gram drafters: candidates per row -> ``Draft`` (q=None) with the
+    evidence level of each row. Subclasses implement ``start_row``,
+    ``candidates(i, history, k) -> (level, tokens)`` and ``keep_rows``."""
 
     def prefill(self, req: DecodeRequest) -> None:
-        rows = prompt_rows(req.input_ids, req.attention_mask)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(req.prompt_rows()):
             self.start_row(i, row)
-        self.levels = [0] * len(rows)
-        self.proposed_at = [len(r) for r in rows]
-        if self.gate is not None:
-            self.gate.start(req.model, len(rows))
 
     def start_row(self, i: int, prompt: list[int]) -> None:
         raise NotImplementedError
@@ -155,51 +69,26 @@ class _DeterministicDrafter(Drafter):
         raise NotImplementedError
 
     def propose(self, rows: list[list[int]], k: int) -> Draft:
-        drafts = []
-        for i, history in enumerate(rows):
-            level, tokens = self.candidates(i, history, k)
-            self.levels[i] = level
-            self.proposed_at[i] = len(history)
-            drafts.append(self._gated(i, history, level, tokens))
-        return _as_draft(drafts)
-
-    def _gated(self, i: int, history: list[int], level: int, tokens: list[int]) -> list[int]:
-        if self.gate is None:
-            return tokens
-        self.gate.check_shadow(i, history)
-        n = self.gate.budget(i, level, len(tokens))
-        if n == 0 and tokens:
-            self.gate.withhold(i, level, tokens[0], len(history))
-        return tokens[:n]
-
-    def update(self, draft: Draft, result: VerifyResult, p: Tensor) -> None:
-        if self.gate is None:
-            return
-        for i, (n, a) in enumerate(zip(draft.drafted.tolist(), result.accepted.tolist(), strict=True)):
-            if n:
-                self.gate.observe(i, self.levels[i], n, a)
+        levels, drafts = zip(*(self.candidates(i, history, k) for i, history in enumerate(rows)), strict=True)
+        return _as_draft(list(drafts), list(levels))
 
     def select_rows(self, index: Tensor) -> None:
-        keep = index.tolist()
-        self.levels = [self.levels[i] for i in keep]
-        self.proposed_at = [self.proposed_at[i] for i in keep]
-        if self.gate is not None:
-            self.gate.select_rows(keep)
-        self.keep_rows(keep)
+        self.keep_rows(index.tolist())
 
     def keep_rows(self, keep: list[int]) -> None:
         """Subclasses: reindex their per-row state."""
 
 
-def _as_draft(drafts: list[list[int]]) -> Draft:
-    """Ragged per-row drafts -> ``Draft`` as wide as the longest (zero width: plain step)."""
+def _as_draft(drafts: list[list[int]], levels: list[int]) -> Draft:
+    """Ragged per-row drafts (and their evidence levels) -> ``Draft`` as wide as the longest
+    (zero width: plain step)."""
     width = max((len(d) for d in drafts), default=0)
     tokens = torch.zeros((len(drafts), width), dtype=torch.long)
     for b, d in enumerate(drafts):
         if d:
             tokens[b, : len(d)] = torch.tensor(d, dtype=torch.long)
     drafted = torch.tensor([len(d) for d in drafts], dtype=torch.long)
-    return Draft(tokens, drafted)
+    return Draft(tokens, drafted, evidence=levels)
 
 
 class NgramDrafter(_DeterministicDrafter):
@@ -208,8 +97,7 @@ class NgramDrafter(_DeterministicDrafter):
     name = "ngram"
 
     def __init__(self, storage: INgramStorage, *, filler_top_k: int = 3, stop_if_unknown: bool = False,
-                 gate: AcceptanceGate | None = None, share_storage: bool = False):
-        super().__init__(gate)
+                 share_storage: bool = False):
         self.template = storage
         self.filler_top_k = filler_top_k
         self.stop_if_unknown = stop_if_unknown
@@ -247,7 +135,6 @@ class NgramDrafter(_DeterministicDrafter):
         return super().propose(rows, k)
 
     def update(self, draft: Draft, result: VerifyResult, p: Tensor) -> None:
-        super().update(draft, result, p)
         # fillers belong to the positions right after the last proposal: only if there was one
         if self.filler_top_k > 1 and self.proposed:
             self.fillers = _top_tokens(p, result.accepted, self.filler_top_k)
@@ -297,8 +184,7 @@ class PromptLookupDrafter(_DeterministicDrafter):
 
     name = "prompt_lookup"
 
-    def __init__(self, max_ngram: int = 3, gate: AcceptanceGate | None = None):
-        super().__init__(gate)
+    def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
         self.index: list[list[dict]] = []  # per row: m-gram -> latest end position
         self.indexed: list[int] = []  # per row: positions whose n-grams are in the index
@@ -325,19 +211,13 @@ class PromptLookupDrafter(_DeterministicDrafter):
 
 
 # ---------------------------------------------------------------------------- strategies
-def _check_common(ngram_n, gamma, draft_policy, show_drafts, first_target=True) -> None:
+def _check_common(ngram_n, gamma, draft_policy, show_drafts, first_target=True):
+    """Validate the options both strategies share; returns the draft-length policy."""
     check_int("ngram_n", ngram_n, min_value=2)
-    check_int("gamma", gamma, min_value=1)
-    check_choice("draft_policy", draft_policy, DRAFT_POLICIES)
+    policy = make_policy(draft_policy, gamma=gamma)
     check_choice("show_drafts", show_drafts, [True, False])
     check_choice("first_target", first_target, [True, False])
-
-
-def _policy_and_gate(draft_policy: str, gamma: int):
-    """``adaptive``: the gate decides per row (0..gamma); the loop's budget stays ``gamma``."""
-    if draft_policy == "adaptive":
-        return make_policy("fixed", gamma=gamma), AcceptanceGate(gamma)
-    return make_policy(draft_policy, gamma=gamma), None
+    return policy
 
 
 def decode(
@@ -362,7 +242,7 @@ def decode(
     ``INgramStorage`` to use instead of ``NGramStorage(ngram_n, vocab)``; each row drafts
     from its own copy (a single row uses and updates the instance itself).
     """
-    _check_common(ngram_n, gamma, draft_policy, show_drafts, first_target)
+    policy = _check_common(ngram_n, gamma, draft_policy, show_drafts, first_target)
     check_int("filler_top_k", filler_top_k, min_value=1)
     check_choice("stop_if_unknown", stop_if_unknown, [True, False])
     vocab = vocab_size(req.model)
@@ -375,9 +255,8 @@ def decode(
             f"n-gram storage vocab_size ({storage.vocab_size}) does not match the model's "
             f"vocabulary ({vocab} tokens)"
         )
-    policy, gate = _policy_and_gate(draft_policy, gamma)
     drafter = NgramDrafter(storage, filler_top_k=filler_top_k, stop_if_unknown=stop_if_unknown,
-                           gate=gate, share_storage=req.input_ids.shape[0] == 1)
+                           share_storage=req.input_ids.shape[0] == 1)
     return speculative_loop(req, drafter, policy, first_target=first_target, show_drafts=show_drafts)
 
 
@@ -395,7 +274,6 @@ def decode_prompt_lookup(
     drafts copied per step; ``draft_policy``: ``adaptive`` (default: drafts only where the
     measured acceptance pays for them; never much slower than greedy) | ``fixed`` | ``cost``.
     """
-    _check_common(ngram_n, gamma, draft_policy, show_drafts)
-    policy, gate = _policy_and_gate(draft_policy, gamma)
-    return speculative_loop(req, PromptLookupDrafter(ngram_n, gate), policy, show_drafts=show_drafts)
+    policy = _check_common(ngram_n, gamma, draft_policy, show_drafts)
+    return speculative_loop(req, PromptLookupDrafter(ngram_n), policy, show_drafts=show_drafts)
 

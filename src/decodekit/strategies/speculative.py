@@ -4,8 +4,10 @@ Every speculative strategy (draft model, self-speculative ``layers:N``, n-grams,
 lookup) runs the one loop of this module, ``speculative_loop``; they differ only in their
 ``Drafter``. One step, for a batch of rows that each accept a different number of drafts:
 
-1. the draft-length policy picks a budget per row (``draft_policy.py``: fixed, EGAG, cost),
-2. the drafter proposes ``k`` tokens per row (``Draft``: tokens, how many are real, ``q``),
+1. the draft-length policy picks a budget per row (``draft_policy.py``: fixed, EGAG, cost,
+   adaptive), capped by the row's remaining tokens (drafts past ``max_new_tokens`` are waste),
+2. the drafter proposes ``k`` tokens per row (``Draft``: tokens, how many are real, ``q``);
+   the policy may keep only a prefix of each row's drafts (``adaptive``),
 3. the target runs ``[last token, drafts]`` (``k + 1`` tokens) through its KV cache once,
 4. ``verify`` (the shared rejection sampler) accepts a prefix per row and draws the
    recovered (after a rejection) or bonus (all accepted) token,
@@ -29,7 +31,6 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
 
 from decodekit.cache import ModelState, left_pad
 from decodekit.model_info import vocab_size
@@ -62,6 +63,7 @@ class Draft:
     tokens: Tensor  # [B, k] drafted ids (anything past drafted[b] is ignored)
     drafted: Tensor  # [B] real drafts per row, 0..k
     q: Tensor | None = None  # [B, k, V] drafter probabilities (processed like p); None = deterministic
+    evidence: list[int] | None = None  # per row: strength of the evidence (n-gram order...); None = one level
 
     @classmethod
     def empty(cls, batch: int, device=None) -> Draft:
@@ -81,6 +83,7 @@ class Drafter:
     """
 
     name = "drafter"
+    state: ModelState | None = None  # the drafter's own model state, if it runs a model
 
     def prefill(self, req: DecodeRequest) -> None:
         """Called once, before the loop, with the whole batch."""
@@ -101,16 +104,11 @@ class Drafter:
 
 
 # ---------------------------------------------------------------------------- the loop
-def prompt_rows(ids: Tensor, mask: Tensor) -> list[list[int]]:
-    """Left-padded ``[B, T]`` -> the real tokens of each row."""
-    return [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
-
-
 def prefill_context(model, ids: Tensor, mask: Tensor, use_cache: bool) -> ModelState:
     """A state holding ``ids [B, T]`` (T may be 0), without needing its logits."""
-    if ids.shape[1] == 0:
-        return ModelState(model, ids, mask, DynamicCache() if use_cache else None, use_cache)
-    state, _ = ModelState.prefill(model, ids, mask, use_cache=use_cache, logits_to_keep=1)
+    state = ModelState.empty(model, ids.shape[0], use_cache=use_cache)
+    if ids.shape[1]:
+        state.extend(ids, token_mask=mask, logits_to_keep=1)
     return state
 
 
@@ -125,7 +123,7 @@ class _Run:
 
     def __init__(self, req: DecodeRequest, drafter: Drafter, policy: DraftPolicy, trace: bool):
         self.req, self.drafter, self.policy = req, drafter, policy
-        self.rows = prompt_rows(req.input_ids, req.attention_mask)  # histories
+        self.rows = req.prompt_rows()  # histories
         self.trace = [[] for _ in self.rows] if trace else None  # (token, kind) per caller row
         self.state: ModelState | None = None
         self.last: Tensor | None = None  # [B] the latest token, not yet fed to the target
@@ -143,7 +141,19 @@ class _Run:
                 self.trace[row].extend(zip(tokens[i][:kept], kinds[i][:kept]))
         return finished
 
+    def remaining(self) -> Tensor:
+        """``[B]`` tokens each active row may still emit."""
+        tracker = self.req.tracker
+        return torch.tensor([tracker.max_new_tokens - len(tracker.tokens[r]) for r in tracker.active])
+
+    def count_forwards(self) -> None:
+        """Credit the target's and the drafter's forwards so far to the active rows."""
+        self.req.tracker.count_forwards(self.state)
+        if self.drafter.state is not None:
+            self.req.tracker.count_forwards(self.drafter.state, drafter=True)
+
     def drop_finished(self, finished: list[bool]) -> None:
+        self.count_forwards()
         keep = self.req.tracker.drop_finished(finished)
         if keep is None or self.req.tracker.done:
             return
@@ -163,13 +173,10 @@ def _start(run: _Run, first_target: bool) -> None:
     if first_target:
         run.state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask,
                                                use_cache=req.use_cache)
-        req.tracker.count_forward()
         run.last = req.sample(logits[:, -1])  # [B]
         return
     ids, mask = req.input_ids, req.attention_mask
     run.state = prefill_context(req.model, ids[:, :-1], mask[:, :-1], req.use_cache)
-    if ids.shape[1] > 1:
-        req.tracker.count_forward()
     run.last = ids[:, -1]  # the prompt's last token is verified together with the first drafts
 
 
@@ -204,19 +211,28 @@ def _emitted(draft: Draft, result: VerifyResult) -> tuple[list[list[int]], list[
     return tokens, kinds
 
 
-def _step(run: _Run, skip_sample_adjustment: bool) -> None:
-    req, drafter = run.req, run.drafter
+def _draft(run: _Run) -> Draft:
+    """Steps 1-2: the policy's budget per row, capped by the row's remaining tokens (drafts
+    past ``max_new_tokens`` can never be kept; the cap never goes below the policy's
+    ``gamma_min``), then the drafter's proposal."""
     limits = run.policy.choose(run.rows).to(torch.long)  # [B] draft budget per row
+    cap = run.remaining().clamp_min(run.policy.gamma_min)  # [B]
+    limits = torch.minimum(limits, cap.to(limits.device))
     k = int(limits.max()) if limits.numel() else 0
-    draft = drafter.propose(run.rows, k) if k > 0 else Draft.empty(len(run.rows), limits.device)
+    draft = run.drafter.propose(run.rows, k) if k > 0 else Draft.empty(len(run.rows), limits.device)
     draft = _cap(draft, limits.to(draft.drafted.device))
-    p = _target_probs(run, draft)  # [B, k+1, V]
-    req.tracker.count_forward()
-    result = verify(p, draft.tokens.to(p.device), draft.drafted, draft.q,
+    return run.policy.trim(draft, run.rows)
+
+
+def _step(run: _Run, skip_sample_adjustment: bool) -> None:
+    req = run.req
+    draft = _draft(run)  # 1-2
+    p = _target_probs(run, draft)  # 3: [B, k+1, V]
+    result = verify(p, draft.tokens.to(p.device), draft.drafted, draft.q,  # 4
                     greedy=req.processor.is_greedy, generator=req.generator,
                     skip_sample_adjustment=skip_sample_adjustment)
-    run.state.rollback(draft.k - result.accepted)  # keep [last, accepted drafts]
-    drafter.update(draft, result, p)
+    run.state.rollback(draft.k - result.accepted)  # 5: keep [last, accepted drafts]
+    run.drafter.update(draft, result, p)
     run.policy.observe(draft.drafted, result.accepted)
     req.tracker.record_verify(draft.drafted.tolist(), result.accepted.tolist())
     if req.debug:
@@ -224,7 +240,7 @@ def _step(run: _Run, skip_sample_adjustment: bool) -> None:
     tokens, kinds = _emitted(draft, result)
     run.last = result.next_tokens
     finished = run.emit(tokens, kinds)
-    run.drop_finished(finished)
+    run.drop_finished(finished)  # 6
     if not req.tracker.done:
         run.maybe_compact()
 
@@ -250,6 +266,7 @@ def speculative_loop(
     """
     if isinstance(policy, int):
         policy = make_policy("fixed", gamma=policy)
+    policy.check(drafter)  # before any forward
     run = _Run(req, drafter, policy, trace=show_drafts or req.debug)
     _start(run, first_target)
     drafter.prefill(req)
@@ -288,9 +305,9 @@ class ModelDrafter(Drafter):
         """Lazy: the whole prompt is pending, so the first drafting forward prefills it (a
         policy that never drafts, e.g. ``cost`` with a slow drafter, never pays for it)."""
         self.req = req
-        ids = req.input_ids.to(self.model.device)
-        self.state = prefill_context(self.model, ids[:, :0], ids[:, :0], req.use_cache)
-        self.seen = [0] * ids.shape[0]
+        batch = req.input_ids.shape[0]
+        self.state = ModelState.empty(self.model, batch, use_cache=req.use_cache)
+        self.seen = [0] * batch
         self._first = None
 
     def first_logits(self, rows: list[list[int]]) -> Tensor:
@@ -300,7 +317,6 @@ class ModelDrafter(Drafter):
         pending = [r[s:] for r, s in zip(rows, self.seen)]
         tokens, mask = left_pad(pending, self.req.pad_token_id)  # right aligned, masked in front
         self._first = self.state.extend(tokens, token_mask=mask, logits_to_keep=1)[:, -1]
-        self.req.tracker.count_forward(drafter=True)
         self.seen = [len(r) for r in rows]
         return self._first
 
@@ -322,7 +338,6 @@ class ModelDrafter(Drafter):
             tokens.append(x)
             if i < k - 1:
                 logits = self.state.extend(x[:, None])[:, -1]
-                self.req.tracker.count_forward(drafter=True)
         self.fed = max(k - 1, 0)
         drafted = torch.full((len(rows),), k, dtype=torch.long, device=logits.device)
         return Draft(torch.stack(tokens, 1), drafted, torch.stack(qs, 1))
@@ -433,8 +448,8 @@ def decode(
     ``drafter``: a causal LM with the target's vocabulary, a model name/path for
     ``load_model``, or ``"layers:N"`` (self-speculative: the target's first N layers + its
     head, sharing weights). ``gamma`` drafts per step with ``draft_policy="fixed"``;
-    ``"egag"`` / ``"cost"`` choose between ``gamma_min`` and ``gamma_max`` (default
-    ``gamma``). ``skip_sample_adjustment=True`` resamples from p on rejection: LOSSY.
+    ``"egag"`` / ``"cost"`` / ``"adaptive"`` choose up to ``gamma_max`` (default ``gamma``;
+    egag and cost at least ``gamma_min``); gamma and gamma_max are at most 128. ``skip_sample_adjustment=True`` resamples from p on rejection: LOSSY.
     """
     policy = make_policy(draft_policy, gamma=gamma, gamma_min=gamma_min, gamma_max=gamma_max,
                          egag_ema_beta=egag_ema_beta)
@@ -444,8 +459,6 @@ def decode(
     if drafter is None:
         raise DecodeKitError("strategy 'speculative' needs drafter=... (a model, a model name, or layers:N)")
     drafter = resolve_drafter(drafter, req)
-    if draft_policy == "egag" and not hasattr(drafter, "first_logits"):
-        raise DecodeKitError("draft_policy 'egag' needs a draft model (it reads the drafter's entropy)")
     return speculative_loop(req, drafter, policy, first_target=first_target,
                             skip_sample_adjustment=skip_sample_adjustment, show_drafts=show_drafts)
 
