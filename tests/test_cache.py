@@ -120,3 +120,18 @@ def test_prune_cache_both_forms():
     assert cache.get_seq_length() == 2
     with pytest.raises(ValueError):
         prune_cache(cache, -1)
+
+
+@torch.no_grad()
+def test_empty_state_and_the_forward_count(tiny_model):
+    state = ModelState.empty(tiny_model, 3)
+    assert state.ids.shape == (3, 0) and state.mask.shape == (3, 0) and state.length == 0
+    ids, mask = left_pad(ROWS, 0)
+    state.extend(ids, token_mask=mask)
+    state.extend(torch.tensor([[40]] * 3))
+    assert state.forwards == 2 and state.take_forwards() == 2 and state.take_forwards() == 0
+    state.extend(torch.tensor([[41]] * 3))
+    fork = state.fork(torch.tensor([0, 0]))  # the fork takes the forwards not yet taken
+    assert fork.take_forwards() == 1 and state.take_forwards() == 0 and state.forwards == 3
+    no_cache = ModelState.empty(tiny_model, 2, use_cache=False)
+    assert no_cache.cache is None and not no_cache.use_cache

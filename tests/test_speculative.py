@@ -334,3 +334,18 @@ def test_bundled_greedy_identical_batch1(bundled):
         out = generate(model, ids, mask, strategy="speculative", drafter=drafter, gamma=2, draft_policy=policy,
                        max_new_tokens=N_NEW)
         assert out.sequences == [want[i]], (prompt, policy)
+
+
+def test_prompt_rows_and_per_row_forwards(llama):
+    from decodekit.cache import left_pad
+    from decodekit.outputs import RowTracker
+    from decodekit.processors import GreedyProcessor
+    from decodekit.strategies.base import DecodeRequest
+
+    ids, mask = left_pad(ROWS, 0)
+    req = DecodeRequest(llama, ids, mask, GreedyProcessor(), RowTracker([1] * 4, max_new_tokens=4), 4)
+    assert req.prompt_rows() == ROWS
+    # a row that finishes early leaves the batch: it took part in fewer target forwards
+    out = _spec(llama, ROWS, n=9, drafter=FixedDrafter(7, [0, 0, 0, 0]), eos_token_id=[EOS])
+    for seq, s in zip(out.sequences, out.stats):
+        assert s.forward_passes == len(seq) and s.drafter_forwards == 0  # no drafts: one token per forward

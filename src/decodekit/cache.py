@@ -113,9 +113,16 @@ class ModelState:
         self.dense = bool(mask.all())
         self.cache = cache
         self.use_cache = use_cache
-        self.forwards = 0  # model calls made through this state
+        self.forwards = 0  # model calls made through this state: THE count of forwards
+        self.credited = 0  # of those, the ones already credited to rows (``take_forwards``)
 
     # ------------------------------------------------------------------ feeding tokens
+    @classmethod
+    def empty(cls, model, batch: int, *, use_cache: bool = True) -> ModelState:
+        """A state of ``batch`` rows holding nothing yet (``ids``/``mask`` ``[B, 0]``)."""
+        ids = torch.zeros((batch, 0), dtype=torch.long, device=model.device)
+        return cls(model, ids, ids.clone(), DynamicCache() if use_cache else None, use_cache)
+
     @classmethod
     def prefill(
         cls,
@@ -132,10 +139,16 @@ class ModelState:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
-        empty = input_ids[:, :0]
-        state = cls(model, empty, attention_mask[:, :0], DynamicCache() if use_cache else None, use_cache)
+        state = cls.empty(model, input_ids.shape[0], use_cache=use_cache)
         logits = state.extend(input_ids, token_mask=attention_mask, logits_to_keep=logits_to_keep)
         return state, logits
+
+    def take_forwards(self) -> int:
+        """Forwards made since the last call: each model call is handed out once, so the
+        statistics (``RowTracker.count_forwards``) read every forward from the state."""
+        new = self.forwards - self.credited
+        self.credited = self.forwards
+        return new
 
     def positions(self, token_mask: Tensor) -> Tensor:
         """Position ids ``[B, k]`` for new tokens with mask ``[B, k]``, continuing the rows."""
@@ -225,7 +238,9 @@ class ModelState:
 
     def fork(self, index: Tensor | None = None) -> ModelState:
         """An independent state holding rows ``index`` (all rows if None), e.g. expanded
-        ``repeat_interleave`` rows for rollouts; later calls on it never touch ``self``."""
+        ``repeat_interleave`` rows for rollouts; later calls on it never touch ``self``.
+        Forwards of ``self`` not yet taken (``take_forwards``) move to the fork, so a strategy
+        that goes on with the fork (EIS) loses none of them."""
         if index is None:
             index = torch.arange(self.batch_size, device=self.ids.device)
         index = index.to(self.ids.device)
@@ -234,7 +249,10 @@ class ModelState:
             cache = _cache_from_tensors(
                 [(k.index_select(0, index), v.index_select(0, index)) for k, v in _cache_tensors(self.cache)]
             )
-        return ModelState(self.model, self.ids.index_select(0, index), self.mask.index_select(0, index), cache, self.use_cache)
+        fork = ModelState(self.model, self.ids.index_select(0, index), self.mask.index_select(0, index), cache,
+                          self.use_cache)
+        fork.forwards = self.take_forwards()
+        return fork
 
     def compact(self) -> None:
         """Remove holes: move each row's real tokens to the right (more left padding).

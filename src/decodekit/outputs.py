@@ -156,15 +156,21 @@ class RowTracker:
     def done(self) -> bool:
         return not self.active
 
-    def count_forward(self, drafter: bool = False, rows: Sequence[int] | None = None) -> None:
-        """One model call that all active rows (or the given batch positions) took part in."""
+    def count_forwards(self, state, *, drafter: bool = False, rows: Sequence[int] | None = None) -> None:
+        """Credit the model calls ``state`` (a ``ModelState``, the one counter of forwards)
+        made since it was last read to all active rows (or the given batch positions).
+        Strategies read it before rows leave the batch, so every row counts exactly the
+        forwards it took part in."""
+        n = state.take_forwards()
+        if not n:
+            return
         positions = range(len(self.active)) if rows is None else rows
         for i in positions:
             stat = self.stats[self.active[i]]
             if drafter:
-                stat.drafter_forwards += 1
+                stat.drafter_forwards += n
             else:
-                stat.forward_passes += 1
+                stat.forward_passes += n
 
     def record_verify(self, drafted: Sequence[int], accepted: Sequence[int]) -> None:
         """One verify step: per active row, drafts proposed and drafts accepted."""

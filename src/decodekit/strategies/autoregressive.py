@@ -21,7 +21,6 @@ def decode(req: DecodeRequest):
     """Greedy or sampled decoding, depending on ``req.processor``."""
     tracker = req.tracker
     state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)
-    tracker.count_forward()
     logits = logits[:, -1]  # [B, V]
     while True:
         tokens = req.sample(logits)  # [B]
@@ -32,6 +31,5 @@ def decode(req: DecodeRequest):
         if tracker.done:
             break
         logits = state.extend(tokens[:, None])[:, -1]  # [B, V]
-        tracker.count_forward()
     return tracker.result()
 

@@ -28,6 +28,10 @@ class DecodeRequest:
     use_cache: bool = True
     debug: bool = False
 
+    def prompt_rows(self) -> list[list[int]]:
+        """The real prompt tokens of each row (left padding removed)."""
+        return [row[m.bool()].tolist() for row, m in zip(self.input_ids.cpu(), self.attention_mask.cpu())]
+
     def sample(self, logits: Tensor) -> Tensor:
         """``[B, V]`` (or ``[B, T, V]``) logits -> sampled/argmax token ids ``[B]`` (``[B, T]``)."""
         if self.processor.is_greedy:
@@ -38,7 +42,10 @@ class DecodeRequest:
 def drop_finished(
     tracker: RowTracker, finished: list[bool], states: list[ModelState], *tensors: Tensor
 ) -> list[Tensor]:
-    """Remove finished rows from the tracker, every state and every per-row tensor given."""
+    """Remove finished rows from the tracker, every state and every per-row tensor given.
+    The forwards the states made so far are credited first, to the rows that took part."""
+    for state in states:
+        tracker.count_forwards(state)
     keep = tracker.drop_finished(finished)
     if keep is None or tracker.done:
         return list(tensors)

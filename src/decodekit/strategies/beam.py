@@ -218,7 +218,6 @@ def decode(
     tracker = req.tracker
     width = max(2, 1 + len(req.eos_token_ids)) * num_beams
     state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)
-    tracker.count_forward()
     n_prompts = req.input_ids.shape[0]
     device = logits.device
     hyps = [Hypotheses(num_beams) for _ in range(n_prompts)]
@@ -228,6 +227,7 @@ def decode(
     trace = [] if req.debug else None
 
     for step in range(req.max_new_tokens):
+        tracker.count_forwards(state, rows=live)  # the last forward: every live prompt's beams
         log_probs = expansion_log_probs(req, logits[:, -1], expansion_top_k)  # [n*b, V]
         cand = top_candidates(log_probs, scores, tokens, width)
         ended = ends_hypothesis(req, cand)
@@ -245,7 +245,6 @@ def decode(
         tokens = tokens.view(len(done), num_beams, -1)[keep].flatten(0, 1)
         state.select_rows(rows.flatten())  # reorder the KV cache by source beam
         logits = state.extend(tokens[:, -1:])  # [n*k, 1, V]
-        tracker.count_forward(rows=live)
     return _result(req, hyps, num_return_sequences, trace)
 
 

@@ -4,11 +4,11 @@ At every step the sampler takes the ``top_k`` most likely next tokens (the *cand
 rolls each one out for ``lookahead_steps`` more tokens, and picks the candidate with the
 best extended score
 
-    S(c) = log p(c | x) + sum_{t=1..L} gamma^t * log p(c_t | x, c, c_<t)
+    S(c) = log p(c | x) + sum_{t=1..L} d^t * log p(c_t | x, c, c_<t)
 
 where ``x`` is the context, ``c_t`` the rollout tokens (argmax of the scoring distribution
 with ``rollout_mode="greedy"``, sampled from it with ``"sample"``), ``L`` the lookahead
-and ``gamma`` the discount factor. The chosen token is the argmax of ``S`` (as in the seed).
+and ``d`` the discount factor (``discount_factor``). The chosen token is the argmax of ``S`` (as in the seed).
 
 The scoring distribution: ``log_softmax(top_p_filtering(logits / temperature, top_p))``,
 so with ``temperature=1, top_p=1`` it is the model's own log-softmax; a token removed by
@@ -100,32 +100,32 @@ class _Scorer:
         return torch.isin(tokens, self.eos.to(tokens.device))
 
 
-def rollout(state: ModelState, logits: Tensor, alive: Tensor, steps: int, gamma: float, scorer: _Scorer):
+def rollout(state: ModelState, logits: Tensor, alive: Tensor, steps: int, discount: float, scorer: _Scorer):
     """Roll ``N`` rows forward ``steps`` tokens from ``logits [N, V]`` (the next-token
     logits after each row's last token); returns the discounted sum
-    ``sum_t gamma^t log p(c_t | ...)`` ``[N]`` and the number of model calls made.
+    ``sum_t discount^t log p(c_t | ...)`` ``[N]`` and the number of model calls made
+    (read from ``state``, which counts them for the statistics too).
 
     ``alive [N]`` marks rows that have not ended (ended rows add 0). The last rollout
     token is scored but never fed, so ``steps - 1`` forwards are made.
     """
     future = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)  # [N]
-    forwards = 0
+    forwards_before = state.forwards
     for t in range(1, steps + 1):
         logp = scorer.log_probs(logits)  # [N, V]
         tokens = scorer.pick(logp)  # [N]
         term = logp.gather(-1, tokens[:, None])[:, 0]  # [N]
-        future = future + torch.where(alive, gamma**t * term, torch.zeros_like(term))
+        future = future + torch.where(alive, discount**t * term, torch.zeros_like(term))
         alive = alive & ~scorer.is_eos(tokens)
         if t < steps:
             logits = state.extend(tokens[:, None])[:, -1]  # [N, V]
-            forwards += 1
-    return future, forwards
+    return future, state.forwards - forwards_before
 
 
-def eis_step(state: ModelState, logits: Tensor, top_k: int, steps: int, gamma: float, scorer: _Scorer):
+def eis_step(state: ModelState, logits: Tensor, top_k: int, steps: int, discount: float, scorer: _Scorer):
     """One EIS step for ``B`` rows with next-token ``logits [B, V]``.
 
-    Returns ``(chosen [B], state, next_logits [B, V], info, forwards)``: the new state holds
+    Returns ``(chosen [B], state, next_logits [B, V], info)``: the new state holds
     ``x + chosen`` and ``next_logits`` are its next-token logits (with ``steps == 0`` the
     state is unchanged and ``next_logits`` is None: the caller feeds ``chosen``); ``info``
     holds the candidates ``[B, k]``, their log-probs ``[B, k]`` and extended scores ``[B, k]``.
@@ -135,19 +135,19 @@ def eis_step(state: ModelState, logits: Tensor, top_k: int, steps: int, gamma: f
     cand_logp, cand = logp.topk(top_k, dim=-1)  # [B, k]
     if steps == 0:  # no lookahead: S(c) = log p(c|x); the caller feeds the chosen token
         chosen = logits.argmax(dim=-1)  # [B] the top candidate, ties broken like greedy
-        return chosen, state, None, (cand, cand_logp, cand_logp), 0
+        return chosen, state, None, (cand, cand_logp, cand_logp)
     rows = torch.arange(batch, device=logits.device).repeat_interleave(top_k)  # [B*k]
     fork = state.fork(rows)  # the context's cache, once per candidate
     after = fork.extend(cand.reshape(-1, 1))[:, -1]  # [B*k, V] logits after each candidate
     alive = ~scorer.is_eos(cand.reshape(-1))  # [B*k]
-    future, forwards = rollout(fork, after, alive, steps, gamma, scorer)
+    future, _ = rollout(fork, after, alive, steps, discount, scorer)
     scores = cand_logp + future.view(batch, top_k)  # [B, k]
     best = scores.argmax(-1)  # [B]
     chosen = cand.gather(-1, best[:, None])[:, 0]  # [B]
     keep = torch.arange(batch, device=logits.device) * top_k + best  # [B] fork rows to keep
     fork.select_rows(keep)
     fork.crop(steps - 1)  # forget the rollout tokens: the fork now holds x + chosen
-    return chosen, fork, after.index_select(0, keep), (cand, cand_logp, scores), 1 + forwards
+    return chosen, fork, after.index_select(0, keep), (cand, cand_logp, scores)
 
 
 # ---------------------------------------------------------------------- debug trace
@@ -204,16 +204,11 @@ def decode(
     scorer = _Scorer(temperature, top_p, rollout_mode == "greedy", req.generator, req.eos_token_ids)
     tracker = req.tracker
     state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)
-    tracker.count_forward()
     logits = logits[:, -1]  # [B, V]
     trace: list[dict] = []
     step = 0
     while True:
-        chosen, state, logits, info, forwards = eis_step(
-            state, logits, top_k, lookahead_steps, discount_factor, scorer
-        )
-        for _ in range(forwards):
-            tracker.count_forward()
+        chosen, state, logits, info = eis_step(state, logits, top_k, lookahead_steps, discount_factor, scorer)
         if req.debug:
             trace += _trace_records(step, list(tracker.active), chosen, info)
         finished = tracker.push(chosen[:, None])
@@ -222,7 +217,6 @@ def decode(
             if tracker.done:
                 break
             logits = state.extend(chosen[:, None])[:, -1]  # [B, V]
-            tracker.count_forward()
         else:
             (logits,) = drop_finished(tracker, finished, [state], logits)
             if tracker.done:

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from decodekit.cache import ModelState
 from decodekit.processors import GreedyProcessor
@@ -162,55 +161,78 @@ def _advance(r: _RowBlock, iterate: list[int], accepted: int, max_iterations: in
 
 
 # ---------------------------------------------------------------------------- the loop
+def _start_rows(req: DecodeRequest, block_size: int, placeholder: int, max_length: int | None) -> list[_RowBlock]:
+    """One ``_RowBlock`` per prompt, its whole prompt pending and its first block opened."""
+    rows = []
+    for b, prompt in enumerate(req.prompt_rows()):
+        left = req.max_new_tokens if max_length is None else min(req.max_new_tokens, max_length - len(prompt))
+        rows.append(_RowBlock(row=b, left=left, pending=prompt))
+        rows[-1].start_block(block_size, placeholder)
+    return rows
+
+
+def _advance_rows(req: DecodeRequest, rows: list[_RowBlock], iterate: Tensor, accepted: Tensor, fed: int,
+                  max_iterations: int | None, block_size: int, placeholder: int):
+    """Step 2 for every row: commit what converged, open the next block of rows whose block
+    is full. Returns the committed tokens, the fed columns each row's cache forgets and the
+    exact (converged) tokens among the committed ones, per row."""
+    new_tokens, forget, exact_tokens = [], [], []
+    for b, r in enumerate(rows):
+        n_open = len(r.guesses)
+        new, keep = _advance(r, iterate[b, :n_open].tolist(), int(accepted[b]), max_iterations, req.debug)
+        new_tokens.append(new)
+        forget.append(fed - keep)
+        exact_tokens.append(int(accepted[b]) + 1)  # the leading ones, computed from a correct context
+        if not r.guesses:
+            r.close()
+            r.start_block(block_size, placeholder)
+    return new_tokens, forget, exact_tokens
+
+
+def _emit(req: DecodeRequest, rows: list[_RowBlock], new_tokens, exact_tokens, finished_rows: dict) -> list[bool]:
+    """Step 3: committed tokens to the tracker; returns which rows finished (their debug
+    record goes to ``finished_rows``)."""
+    tracker = req.tracker
+    before = [len(tracker.tokens[r.row]) for r in rows]
+    finished = [f or r.left <= 0 for f, r in zip(tracker.push(new_tokens), rows)]
+    for r, n_before, n_exact in zip(rows, before, exact_tokens):
+        r.unconverged += max(0, len(tracker.tokens[r.row]) - n_before - n_exact)  # kept ones only
+    for r, f in zip(rows, finished):
+        if f:
+            r.close()
+            finished_rows[r.row] = r.debug_record(req.debug)
+    return finished
+
+
 def _decode_blocks(req: DecodeRequest, block_size: int, max_iterations: int | None,
                    max_length: int | None = None):
     """Block refinement with ``block_size`` positions, at most ``max_iterations`` passes a
-    block (None: until converged, i.e. Jacobi decoding). Returns ``GenerationOutput``."""
+    block (None: until converged, i.e. Jacobi decoding). Returns ``GenerationOutput``.
+
+    One pass: 1. run the blocks, 2. commit what converged, roll the cache back to it,
+    3. emit, 4. drop finished rows and compact holes."""
     if not req.processor.is_greedy:
         raise DecodeKitError("refine/jacobi decoding is greedy only: drop temperature/top_k/top_p")
     tracker = req.tracker
     placeholder = req.eos_token_ids[0] if req.eos_token_ids else req.pad_token_id
-    prompts = [req.input_ids[b][req.attention_mask[b].bool()].tolist() for b in range(req.input_ids.shape[0])]
-    rows = []
-    for b, prompt in enumerate(prompts):
-        left = req.max_new_tokens if max_length is None else min(req.max_new_tokens, max_length - len(prompt))
-        rows.append(_RowBlock(row=b, left=left, pending=prompt))
-        rows[-1].start_block(block_size, placeholder)
+    rows = _start_rows(req, block_size, placeholder, max_length)
+    n_rows = len(rows)
     # Nothing is cached yet: the first pass runs the prompt and the first block together.
-    state = ModelState(req.model, req.input_ids[:, :0], req.attention_mask[:, :0],
-                       DynamicCache() if req.use_cache else None, req.use_cache)
+    state = ModelState.empty(req.model, n_rows, use_cache=req.use_cache)
     finished_rows: dict[int, dict] = {}
-    exact = max_iterations is None
     while not tracker.done:
-        iterate, accepted, fed = _refine_pass(state, rows, req.pad_token_id)
-        tracker.count_forward()
-        if exact:
+        iterate, accepted, fed = _refine_pass(state, rows, req.pad_token_id)  # 1
+        if max_iterations is None:  # exact: acceptance stats count the confirmed guesses
             tracker.record_verify([len(r.guesses) - 1 for r in rows], accepted.tolist())
-        new_tokens, forget, exact_tokens = [], [], []
-        for b, r in enumerate(rows):
-            n_open = len(r.guesses)
-            new, keep = _advance(r, iterate[b, :n_open].tolist(), int(accepted[b]), max_iterations, req.debug)
-            new_tokens.append(new)
-            forget.append(fed - keep)
-            exact_tokens.append(int(accepted[b]) + 1)  # the leading ones, computed from a correct context
-            if not r.guesses:
-                r.close()
-                r.start_block(block_size, placeholder)
+        new_tokens, forget, exact_tokens = _advance_rows(req, rows, iterate, accepted, fed, max_iterations,
+                                                         block_size, placeholder)  # 2
         state.rollback(torch.tensor(forget))
-        before = [len(tracker.tokens[r.row]) for r in rows]
-        finished = [f or r.left <= 0 for f, r in zip(tracker.push(new_tokens), rows)]
-        for r, n_before, n_exact in zip(rows, before, exact_tokens):
-            r.unconverged += max(0, len(tracker.tokens[r.row]) - n_before - n_exact)  # kept ones only
-        for r, f in zip(rows, finished):
-            if f:
-                r.close()
-                finished_rows[r.row] = r.debug_record(req.debug)
-        rows = [r for r, f in zip(rows, finished) if not f]
+        finished = _emit(req, rows, new_tokens, exact_tokens, finished_rows)  # 3
+        rows = [r for r, f in zip(rows, finished) if not f]  # 4
         drop_finished(tracker, finished, [state])
         if not tracker.done:
             state.compact_holes(block_size)  # ragged rows leave holes
-    debug = [finished_rows[b] for b in range(len(prompts))]
-    return tracker.result(debug=debug)
+    return tracker.result(debug=[finished_rows[b] for b in range(n_rows)])
 
 
 # ---------------------------------------------------------------------------- strategies
