@@ -12,27 +12,6 @@ import pytest
 from decodekit import generate
 from decodekit.cli import main as cli_main
 from decodekit.demo import main
-from decodekit.models import cache_dir
-
-from conftest import tiny_llama
-
-TOKENIZER_DIR = cache_dir() / "converted" / "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    if not (TOKENIZER_DIR / "tokenizer_config.json").exists():
-        pytest.skip("the bundled model's tokenizer is not converted yet (run decodekit once)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    model = tiny_llama(seed=3, vocab=len(tokenizer))
-    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    folder = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _records(path):
@@ -40,11 +19,11 @@ def _records(path):
     return json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines()]
 
 
-def test_demo_runs_a_prompts_file_in_batches_and_writes_the_seed_fields(model_dir, tmp_path, capsys):
+def test_demo_runs_a_prompts_file_in_batches_and_writes_the_seed_fields(tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What is 2+2?\nExplain quantum physics.\nWrite a Python function.\n")
     out = tmp_path / "results.jsonl"
-    argv = ["--model_path", str(model_dir), "--prompts_file", str(prompts), "--add_eos_length", "3",
+    argv = ["--model_path", str(tiny_model_dir), "--prompts_file", str(prompts), "--add_eos_length", "3",
             "--refine_iter", "2", "--max_new_tokens", "10", "--batch_size", "2",
             "--output_file", str(out), "--max_display", "2", "--use_chat_template", "--device", "cpu"]
     assert main(argv) == 0
@@ -63,15 +42,15 @@ def test_demo_runs_a_prompts_file_in_batches_and_writes_the_seed_fields(model_di
     from decodekit.io import encode_prompts
     from decodekit.models import load_model
 
-    model, tokenizer = load_model(str(model_dir), device="cpu")
+    model, tokenizer = load_model(str(tiny_model_dir), device="cpu")
     ids = encode_prompts(tokenizer, [records[0]["prompt"]], use_chat_template=True)
     want = generate(model, ids, strategy="refine", add_eos_length=3, refine_iter=2, max_new_tokens=10)
     assert records[0]["response_token_ids"] == want.sequences[0]
 
 
-def test_decodekit_refine_subcommand_json_output_converge_and_debug(model_dir, tmp_path, capsys):
+def test_decodekit_refine_subcommand_json_output_converge_and_debug(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "results.json"
-    argv = ["refine", "--model_path", str(model_dir), "--prompt", "Say hello.", "--add_eos_length", "4",
+    argv = ["refine", "--model_path", str(tiny_model_dir), "--prompt", "Say hello.", "--add_eos_length", "4",
             "--refine_iter", "converge", "--max_new_tokens", "6", "--output_file", str(out), "--debug"]
     assert cli_main(argv) == 0
     shown = capsys.readouterr().out
@@ -100,9 +79,9 @@ def test_bad_input_exits_2_with_one_line(argv, match, capsys):
     assert len(err.splitlines()) == 1 and match in err, err
 
 
-def test_a_prompt_at_max_length_is_refused_before_generating(model_dir, tmp_path, capsys):
+def test_a_prompt_at_max_length_is_refused_before_generating(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
-    argv = ["--model_path", str(model_dir), "--prompt", "one two three four five six seven",
+    argv = ["--model_path", str(tiny_model_dir), "--prompt", "one two three four five six seven",
             "--max_length", "5", "--output_file", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -115,3 +94,29 @@ def test_python_m_decodekit_demo_bad_input_exit_code():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "refine_iter" in proc.stderr
+
+
+def test_demo_reruns_keep_results_resume_and_overwrite(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hi.\nSay hi.\nName a color.\n")
+    out = tmp_path / "inference_results.jsonl"
+    argv = ["--model_path", str(tiny_model_dir), "--prompts_file", str(prompts), "--add_eos_length", "2",
+            "--max_new_tokens", "3", "--output_file", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    full = _records(out)
+    assert [r["index"] for r in full] == [0, 1, 2] and all(r["stats"]["dtype"] for r in full)
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 2  # the seed's rerun overwrote the results; now it is refused
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds 3 results; pass --resume" in err
+    assert out.read_bytes() == before
+
+    out.write_text(json.dumps(full[0]) + "\n")  # an interrupted run: one "Say hi." done
+    assert cli_main(["refine"] + argv + ["--resume"]) == 0
+    again = _records(out)
+    assert [(r["index"], r["response_token_ids"]) for r in again] == [
+        (r["index"], r["response_token_ids"]) for r in full]
+
+    assert main(argv + ["--overwrite", "--max_new_tokens", "2"]) == 0
+    assert [r["response_length"] <= 2 for r in _records(out)] == [True] * 3

@@ -44,25 +44,125 @@ def test_prompt_xor_file():
         load_prompts(prompts_file="/nonexistent/p.txt")
 
 
+def _rec(index, prompt, sample=None):
+    record = {"index": index, "prompt": prompt, "response": f"r{index}"}
+    if sample is not None:
+        record["sample_index"] = sample
+    return record
+
+
+def _read(path):
+    text = path.read_text()
+    return json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines()]
+
+
+PROMPTS = ["Say hi.", "Say hi.", "Name a color."]
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
-def test_writer_appends_per_batch_and_resumes(tmp_path, suffix):
+def test_writer_writes_per_batch_and_resumes_by_index(tmp_path, suffix):
     path = tmp_path / f"out{suffix}"
-    w = ResultWriter(path)
-    w.write([{"prompt": "a", "response": "1"}])
-    w.write([{"prompt": "b", "response": "2"}])
-    if suffix == ".jsonl":  # an interrupted write leaves a cut line: it is dropped on resume
-        with path.open("a") as fh:
-            fh.write('{"prompt": "c", "resp')
-    resumed = ResultWriter(path, resume=True)
-    assert resumed.done == {"a", "b"}
-    resumed.write([{"prompt": "c", "response": "3"}])
-    if suffix == ".json":
-        data = json.loads(path.read_text())
-    else:
-        data = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["prompt"] for r in data] == ["a", "b", "c"]
-    fresh = ResultWriter(path)  # without resume the file starts over
-    assert fresh.done == set() and not path.exists()
+    w = ResultWriter(path, PROMPTS)
+    assert not path.exists() and w.pending() == [0, 1, 2]  # nothing written before the first batch
+    w.write([_rec(0, "Say hi.")])
+    w.write([_rec(1, "Say hi.")])
+    resumed = ResultWriter(path, PROMPTS, resume=True)
+    assert resumed.done == {0, 1} and resumed.pending() == [2]  # the duplicate prompt counts apart
+    resumed.write([_rec(2, "Name a color.")])
+    assert [(r["index"], r["prompt"]) for r in _read(path)] == list(enumerate(PROMPTS))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_file_with_results_is_refused_without_resume_or_overwrite(tmp_path, suffix):
+    path = tmp_path / f"out{suffix}"
+    ResultWriter(path, PROMPTS).write([_rec(0, "Say hi."), _rec(1, "Say hi.")])
+    before = path.read_bytes()
+    with pytest.raises(DecodeKitError, match="exists and holds 2 results; pass --resume .* or --overwrite"):
+        ResultWriter(path, PROMPTS)
+    with pytest.raises(DecodeKitError, match="not both"):
+        ResultWriter(path, PROMPTS, resume=True, overwrite=True)
+    w = ResultWriter(path, PROMPTS, overwrite=True)
+    assert path.read_bytes() == before and w.pending() == [0, 1, 2]  # replaced only on the first write
+    w.write([_rec(2, "Name a color.")])
+    assert [r["index"] for r in _read(path)] == [2]
+
+
+def test_an_empty_file_needs_no_flag(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text("")
+    ResultWriter(path, PROMPTS).write([_rec(0, "Say hi.")])
+    assert [r["index"] for r in _read(path)] == [0]
+
+
+def test_a_line_cut_by_an_interrupt_is_dropped_and_the_file_rewritten(tmp_path, caplog):
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(_rec(0, "Say hi.")) + "\n" + '{"index": 1, "prompt": "Say hi.", "resp')
+    w = ResultWriter(path, PROMPTS, resume=True)
+    assert "line 2" in caplog.text and w.pending() == [1, 2]
+    w.write([_rec(1, "Say hi.")])
+    assert path.read_text().endswith("\n") and [r["index"] for r in _read(path)] == [0, 1]
+
+
+def test_a_complete_last_line_without_newline_is_kept(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(_rec(0, "Say hi.")))
+    w = ResultWriter(path, PROMPTS, resume=True)
+    assert w.pending() == [1, 2]
+    w.write([_rec(1, "Say hi.")])
+    assert [r["index"] for r in _read(path)] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "lines,match",
+    [
+        (['{"index": 0, "prompt": "Say hi."}', "{oops", '{"index": 2, "prompt": "Name a color."}'],
+         "line 2: invalid JSON"),
+        (['{"index": 0, "prompt": "Say hi."}', '{"prompt": "Say hi."}'], "line 2: not a result"),
+        (['{"index": 0, "prompt": "Say hi."}', '[1, 2]'], "line 2: not a result"),
+        (['{"index": 0, "prompt": "Say hi."}', '{"index": 0, "prompt": "Say hi."}'], "line 2: a second result"),
+        (['{"index": 3, "prompt": "Say hi."}'], "line 1: .*--prompts_file"),
+        (['{"index": 2, "prompt": "Say hi."}'], "line 1: .*--prompts_file"),
+        (['{"index": 0, "prompt": "Say hi.", "sample_index": 1}'], "line 1: sample_index 1"),
+    ],
+)
+def test_a_bad_record_is_reported_with_its_line_and_the_file_kept(tmp_path, lines, match):
+    path = tmp_path / "out.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    before = path.read_bytes()
+    with pytest.raises(DecodeKitError, match=match) as err:
+        ResultWriter(path, PROMPTS, resume=True)
+    assert "\n" not in str(err.value) and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", ['{"index": 0}', '"text"', "[1]", "[{oops"])
+def test_resume_of_a_json_file_that_is_not_a_list_of_results(tmp_path, content):
+    path = tmp_path / "out.json"
+    path.write_text(content)
+    with pytest.raises(DecodeKitError, match="output_file") as err:
+        ResultWriter(path, PROMPTS, resume=True)
+    assert "\n" not in str(err.value) and path.read_text() == content
+
+
+def test_unwritable_paths_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(DecodeKitError, match="cannot be written"):
+        ResultWriter("/proc/out.jsonl", PROMPTS)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DecodeKitError, match="cannot be written"):
+        ResultWriter(tmp_path / "file" / "out.jsonl", PROMPTS)
+    with pytest.raises(DecodeKitError, match="is a directory"):
+        ResultWriter(tmp_path, PROMPTS)
+    ResultWriter(tmp_path / "new" / "out.jsonl", PROMPTS)  # a missing folder is created ...
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file", "new"]  # ... and no scratch file left
+
+
+def test_several_results_per_prompt_resume_by_sample_index(tmp_path):
+    path = tmp_path / "out.jsonl"
+    w = ResultWriter(path, PROMPTS, per_prompt=2)
+    w.write([_rec(0, "Say hi.", 0), _rec(0, "Say hi.", 1), _rec(1, "Say hi.", 0)])  # cut after 1.5 prompts
+    resumed = ResultWriter(path, PROMPTS, per_prompt=2, resume=True)
+    assert resumed.pending() == [1, 2]  # prompt 1 lacks sample 1
+    resumed.write([_rec(1, "Say hi.", 0), _rec(1, "Say hi.", 1)])
+    assert [(r["index"], r["sample_index"]) for r in _read(path)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 def test_make_record_fields():
@@ -74,6 +174,15 @@ def test_make_record_fields():
     assert rec["response"] == "c" and rec["full_text"] == "abc" + chr(96)
     assert (rec["prompt_length"], rec["response_length"], rec["total_length"]) == (2, 2, 4)
     assert rec["response_token_ids"] == [3, 0] and rec["stats"] == {"new_tokens": 2}
+
+
+def test_make_record_index_and_sample_index_come_first():
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    rec = make_record("p", [1], [2], Tok(), index=4, sample_index=1)
+    assert list(rec)[:3] == ["index", "sample_index", "prompt"] and rec["index"] == 4
 
 
 # ---------------------------------------------------------------- encode_prompts: chat safety

@@ -6,7 +6,9 @@ refine ...``). Flags are the seed's: ``--model_path``, ``--prompt`` | ``--prompt
 ``--refine_iter 2`` (or ``converge``: Jacobi decoding, equal to greedy), ``--max_new_tokens
 1024``, ``--max_length 8192``, ``--batch_size 1``, ``--output_file inference_results.jsonl``
 (.jsonl, or .json), ``--max_display 5``, ``--use_chat_template``, ``--device``,
-``--trust_remote_code``; plus ``--debug`` to watch each block converge pass by pass.
+``--trust_remote_code``; plus ``--debug`` to watch each block converge pass by pass, and
+``--resume`` / ``--overwrite`` for an output file that already holds results (without
+either, such a file is never touched and the run stops with an error).
 
 Prompt loading, batching, tqdm progress and result writing are ``decodekit generate``'s
 (``decodekit.io`` and ``decodekit.cli.generate_prompts``). Bad input prints one line and
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed's flags (``decodekit refine`` mounts them too)."""
-    from decodekit.cli import add_flag
+    from decodekit.cli import add_flag, add_results_flags
 
     add_flag(parser, "model_path", default=None,
              help="HF model dir, .gguf file or bundled model name (default: smollm2-135m-instruct)")
@@ -42,13 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "max_length", type=int, default=8192, help="most tokens per row, prompt included")
     add_flag(parser, "batch_size", type=int, default=1)
     add_flag(parser, "output_file", default="inference_results.jsonl", help=".jsonl or .json")
+    add_results_flags(parser)
     add_flag(parser, "max_display", type=int, default=5, help="results printed at the end")
     add_flag(parser, "use_chat_template", action="store_true", help="apply the tokenizer's chat template")
     add_flag(parser, "device", default="auto", help="cuda | cpu | auto")
     add_flag(parser, "trust_remote_code", action="store_true",
              help="allow custom model code from the model directory")
     add_flag(parser, "debug", action="store_true", help="print, per refine pass, the block positions that changed")
-    parser.set_defaults(resume=False, no_stream=True)
+    parser.set_defaults(no_stream=True)
 
 
 def _refine_iter(value) -> int | str:
@@ -85,17 +88,21 @@ def _check_prompt_lengths(tokenizer, prompts: list[str], use_chat_template: bool
 
 
 def run(args) -> int:
-    from decodekit.cli import generate_prompts, print_records
+    from decodekit.cli import generate_prompts, open_results, print_records
     from decodekit.io import load_prompts
     from decodekit.models import load_model
 
     _validate(args)
     prompts = load_prompts(args.prompt, args.prompts_file)
-    model, tokenizer = load_model(args.model_path, device=args.device, trust_remote_code=args.trust_remote_code)
-    _check_prompt_lengths(tokenizer, prompts, args.use_chat_template, args.max_length)
     kwargs = dict(strategy="refine", max_new_tokens=args.max_new_tokens, add_eos_length=args.add_eos_length,
                   refine_iter=args.refine_iter, max_length=args.max_length, debug=args.debug)
-    records = generate_prompts(model, tokenizer, prompts, args, kwargs, show_debug=args.debug)
+    writer = open_results(args, prompts, kwargs)
+    if writer is not None and not writer.pending():
+        print(f"all {len(prompts)} prompts already have results in {args.output_file}", file=sys.stderr)
+        return 0
+    model, tokenizer = load_model(args.model_path, device=args.device, trust_remote_code=args.trust_remote_code)
+    _check_prompt_lengths(tokenizer, prompts, args.use_chat_template, args.max_length)
+    records = generate_prompts(model, tokenizer, prompts, args, kwargs, args.debug, writer)
     print_records(records, args.max_display)
     tokens = sum(r["response_length"] for r in records)
     forwards = sum(r["stats"]["forward_passes"] for r in records)
