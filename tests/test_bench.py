@@ -11,7 +11,9 @@ import torch
 
 import decodekit
 from decodekit import bench
-from decodekit.bench_report import render_report, summarize, write_outputs
+from decodekit.bench import cli as bench_cli
+from decodekit.bench import runners
+from decodekit.bench.report import render_report, summarize, write_outputs
 from decodekit.cli import main
 
 from conftest import EOS, PAD, tiny_llama
@@ -52,7 +54,7 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path, monkeypatch, cap
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(bench, "load_models", no_model)
+    monkeypatch.setattr(bench_cli, "load_models", no_model)
     a_file = tmp_path / "report.txt"
     a_file.write_text("x")
     assert main(["bench", "--output_dir", str(a_file)]) == 2
@@ -88,7 +90,7 @@ def test_only_registered_strategies_are_benchmarked(tmp_path, monkeypatch):
 def test_plan_interleaves_transformers_and_the_floor(tmp_path):
     cfg = bench.resolve_config(_args(["--strategies", "greedy,speculative", "--batch_sizes", "1,4",
                                       "--gammas", "2,5", "--output_dir", str(tmp_path)]))
-    keys = [r.key for r in bench.plan_runs(cfg)]
+    keys = [r.key for r in runners.plan_runs(cfg)]
     assert "floor/floor float32 b1" in keys and "floor/floor float32 b4" in keys
     assert "greedy/transformers float32 b4" in keys
     assert "speculative/transformers float32 b1" in keys
@@ -111,11 +113,11 @@ def test_batches_fill_up_across_suites(tmp_path):
     class CharTokenizer:
         chat_template = None
 
-        def __call__(self, text, add_special_tokens=True):
+        def __call__(self, text, add_special_tokens=True, split_special_tokens=False):
             return {"input_ids": [5 + len(text) % 7] * (1 + len(text) % 5)}
 
     cfg = bench.resolve_config(_args(["--num_prompts", "2", "--output_dir", str(tmp_path)]))
-    batches = bench.make_batches(CharTokenizer(), cfg, 4, PAD)
+    batches = runners.make_batches(CharTokenizer(), cfg, 4, PAD)
     assert [b.ids.shape[0] for b in batches] == [4, 2]
     assert batches[0].suites == ["chat", "chat", "grounded", "grounded"] and batches[0].suite == "mixed"
     assert batches[1].suite == "qa" and batches[1].records[0]["answer"]
@@ -135,7 +137,7 @@ def test_forward_counter_counts_target_calls_only(llama):
     from decodekit.strategies.speculative import early_exit_model
 
     ids = torch.tensor([[5, 6, 7]])
-    with bench.ForwardCounter(llama) as counter:
+    with runners.ForwardCounter(llama) as counter:
         llama(input_ids=ids)
         early_exit_model(llama, 1)(input_ids=ids)  # a drafter sharing the target's weights
         llama(input_ids=ids)
@@ -250,7 +252,7 @@ def test_tiny_end_to_end_bench(tmp_path, capsys):
 def test_ctrl_c_writes_what_was_measured(tmp_path, monkeypatch):
     model_dir, out = tmp_path / "tiny", tmp_path / "out"
     _save_tiny_model(model_dir)
-    real_measure, calls = bench.measure, []
+    real_measure, calls = runners.measure, []
 
     def measure_then_interrupt(ctx, run, first_trial):
         calls.append(run.key)
@@ -258,7 +260,7 @@ def test_ctrl_c_writes_what_was_measured(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_measure(ctx, run, first_trial)
 
-    monkeypatch.setattr(bench, "measure", measure_then_interrupt)
+    monkeypatch.setattr(runners, "measure", measure_then_interrupt)
     argv = ["bench", "--model", str(model_dir), "--strategies", "greedy", "--suite", "qa",
             "--num_prompts", "1", "--trials", "2", "--max_new_tokens", "3", "--batch_sizes", "1",
             "--output_dir", str(out)]

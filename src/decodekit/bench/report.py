@@ -1,8 +1,8 @@
 """The benchmark's outputs: summary rows, ``report.md``, ``results.json`` and PNG plots.
 
-Everything here works on the plain ``results`` dict that ``decodekit.bench`` builds (and
+Everything here works on the plain ``results`` dict that ``decodekit bench`` builds (and
 that ``results.json`` holds), so a report can be re-made from a saved JSON file:
-``write_outputs(json.load(open("results.json")), out_dir)``.
+``decodekit.bench.report.write_outputs(json.load(open("results.json")), out_dir)``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+
+from decodekit.bench.card import card_items
 
 __all__ = ["summarize", "write_outputs", "render_report", "write_plots"]
 
@@ -98,27 +100,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
-
-
-def card_items(card: dict) -> list[tuple[str, str]]:
-    """The machine card as (label, text) pairs: one source for the terminal and report.md."""
-    items = [
-        ("machine", f"{card['cpu']}, {card['cpu_cores']} cores, torch threads {card['torch_threads']}"
-         + (f", GPU {card['gpu']}" if card.get("gpu") else "")),
-        ("software", f"python {card['python']}, torch {card['torch']}, transformers "
-         f"{card['transformers']}, decodekit {card['decodekit']}"),
-        ("model", f"{card['model']} ({card['model_class']}, {card['parameters'] / 1e6:.1f} M parameters)"),
-        ("bandwidth", f"{card['bandwidth_gb_s']} GB/s (large-tensor copy on {card['device']})"),
-    ]
-    for dtype, w in card["weights"].items():
-        items.append(("weights", f"{dtype}: {w['bytes'] / 2**20:.0f} MiB -> bandwidth floor "
-                      f"{w['floor_ms_per_token']} ms/token at batch 1 (weights read once per token)"))
-    return items
-
-
-def format_card(card: dict) -> str:
-    """The card for the terminal (printed before any run)."""
-    return "\n".join(f"{label:<12} {text}" for label, text in card_items(card))
 
 
 def render_report(results: dict) -> str:
