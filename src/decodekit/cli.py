@@ -338,7 +338,8 @@ def generate_prompts(model, tokenizer, prompts, args, generate_kwargs, show_debu
     batches = list(iter_batches(todo, args.batch_size))
     for batch in tqdm(batches, desc="batches", unit="batch", disable=len(batches) <= 1, file=sys.stderr):
         texts = [prompts[i] for i in batch]
-        rows = encode_prompts(tokenizer, texts, use_chat)
+        rows = encode_prompts(tokenizer, texts, use_chat,
+                              allow_special_tokens=getattr(args, "allow_special_tokens", False))
         streamer = _TerminalStream(tokenizer) if stream else None
         out = generate(model, rows, tokenizer=tokenizer, streamer=streamer, **generate_kwargs)
         batch_records = _batch_records(batch, texts, rows, out, tokenizer, dtype)
