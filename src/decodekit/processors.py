@@ -408,8 +408,10 @@ class LogitsPipeline:
         return self.distribution(self.process_logits(input_ids, logits, prompt_lengths, pad_lengths))
 
     def process_logits(self, input_ids, logits: Tensor, prompt_lengths=None, pad_lengths=None) -> Tensor:
-        """The processed float32 logits (a new tensor; ``logits`` is never modified)."""
-        scores = logits.to(torch.float32, copy=True)  # foreign processors may work in place
+        """The processed float32 logits (``logits`` is never modified; decodekit's processors
+        work out of place, a foreign one gets a copy as it may work in place)."""
+        foreign = any(not isinstance(proc, HistoryProcessor) for proc in self.processors)
+        scores = logits.to(torch.float32, copy=foreign)  # [B, V] or [B, K, V]
         if not self.needs_history:
             return self._run(input_ids, scores, prompt_lengths, pad_lengths)
         if input_ids is None:
