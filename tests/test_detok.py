@@ -6,7 +6,7 @@ import random
 import pytest
 
 import decodekit
-from decodekit.cli import _TerminalStream
+from decodekit.batch_runner import TerminalStream
 from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
 from decodekit.outputs import RowTracker
 from decodekit.visual import render_drafts
@@ -82,7 +82,7 @@ def test_work_per_push_is_a_window_not_the_whole_text(bundled_tokenizer):
 def test_terminal_stream_prints_emoji_whole(bundled_tokenizer, capsys):
     text = "Happy: 😀, sad: 😢, angry: 😠"
     ids = bundled_tokenizer(text)["input_ids"]
-    stream = _TerminalStream(bundled_tokenizer)
+    stream = TerminalStream(bundled_tokenizer)
     for t in ids:
         stream(0, [t])
     stream.end()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import numbers
 from collections.abc import Sequence
 
@@ -13,11 +12,10 @@ from decodekit.cache import left_pad
 from decodekit.model_info import context_length, default_eos_pad, vocab_size
 from decodekit.outputs import GenerationOutput, RowTracker
 from decodekit.processors import GreedyProcessor, LogitsProcessor, make_processor
-from decodekit.strategies import STRATEGIES, get_strategy
+from decodekit.strategies import Strategy, build_options, get_strategy
 from decodekit.strategies.base import DecodeRequest
 from decodekit.validation import (
     DecodeKitError,
-    check_choice,
     check_int,
     check_stop_strings,
     check_token_ids,
@@ -126,35 +124,39 @@ def _check_room(prompt_lengths: list[int], max_new_tokens: int, context: int | N
         )
 
 
-def _make_processor(strategy, logits_processor, temperature, top_k, top_p) -> LogitsProcessor:
-    knobs = temperature is not None or top_k is not None or top_p is not None
+def _make_processor(strategy: Strategy, logits_processor, knobs: dict) -> LogitsProcessor:
+    """The processor a strategy samples with, from temperature / top_k / top_p or the user's."""
+    if strategy.sampling == "own":  # they are the strategy's options (EIS)
+        knobs = {}
+    given = any(v is not None for v in knobs.values())
     if logits_processor is not None:
-        if knobs:
+        if given:
             raise DecodeKitError("pass either logits_processor or temperature/top_k/top_p, not both")
         return logits_processor
-    if strategy == "greedy":
-        if knobs and temperature not in (None, 0):
+    temperature = knobs.get("temperature")
+    if strategy.sampling == "none" or (strategy.sampling == "optional" and not given):
+        if given and temperature not in (None, 0):
+            hint = "; use strategy='sample'" if strategy.name == "greedy" else ""
             raise DecodeKitError(
-                "strategy 'greedy' takes no temperature/top_k/top_p; use strategy='sample'"
+                f"strategy {strategy.name!r} is greedy only: it takes no temperature/top_k/top_p{hint}"
             )
         return GreedyProcessor()
-    if strategy == "sample" and temperature is None:
+    if strategy.sampling == "required" and temperature is None:
         temperature = 1.0
-    if strategy == "sample" and temperature == 0:
+    if strategy.sampling == "required" and temperature == 0:
         raise DecodeKitError("temperature must be > 0 for strategy 'sample' (0 means greedy)")
-    return make_processor(temperature, top_k, top_p)
+    return make_processor(temperature, knobs.get("top_k"), knobs.get("top_p"))
 
 
-def _split_options(func, options: dict, strategy: str) -> None:
-    params = inspect.signature(func).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in options if k not in params] if not accepts_any else []
-    if unknown:
-        allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        raise DecodeKitError(
-            f"unknown option(s) {', '.join(unknown)} for strategy {strategy!r}; "
-            f"allowed: {', '.join(allowed) or 'none'}"
-        )
+def _inputs(model, input_ids, attention_mask, eos_token_id, pad_token_id, max_new_tokens):
+    """Checked, left-padded ``ids, mask [B, T]``, the EOS ids and the pad id."""
+    default_eos, default_pad = default_eos_pad(model)
+    eos_ids = normalize_eos(default_eos if eos_token_id is None else eos_token_id, vocab_size(model))
+    if pad_token_id is None:
+        pad_token_id = default_pad if default_pad is not None else 0
+    ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id, vocab_size(model))
+    _check_room(mask.sum(-1).tolist(), max_new_tokens, context_length(model))
+    return ids, mask, eos_ids, pad_token_id
 
 
 def generate(
@@ -182,66 +184,39 @@ def generate(
 
     ``input_ids``: ``[B, T]`` / ``[T]`` tensor (with ``attention_mask`` for padding) or
     lists of token ids. ``strategy`` is one of ``decodekit.STRATEGIES``; strategy-specific
-    options (``num_beams``, ``drafter``, ``gamma``...) go in ``**options``. Sampling knobs:
-    ``temperature`` (0 = greedy), ``top_k``, ``top_p``, or a ``logits_processor``; ``seed``
-    makes sampling reproducible. ``eos_token_id`` / ``pad_token_id`` default to the model's
-    generation config. ``stop_strings``: a string or a list of non-empty strings (needs
-    ``tokenizer``). ``streamer`` is ``callback(row, new_token_ids)`` or a transformers
-    streamer. Returns a ``GenerationOutput`` with the new tokens and per-request stats.
+    options (``num_beams``, ``drafter``, ``gamma``...) go in ``**options`` and are checked by
+    the strategy's ``Options`` class. Sampling knobs: ``temperature`` (0 = greedy),
+    ``top_k``, ``top_p``, or a ``logits_processor``; ``seed`` makes sampling reproducible.
+    ``eos_token_id`` / ``pad_token_id`` default to the model's generation config.
+    ``stop_strings``: a string or a list of non-empty strings (needs ``tokenizer``).
+    ``streamer`` is ``callback(row, new_token_ids)`` or a transformers streamer. Returns a
+    ``GenerationOutput`` with the new tokens and per-request stats.
     """
-    check_choice("strategy", strategy, STRATEGIES)
+    chosen = get_strategy(strategy)
+    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    opts = build_options(strategy, options, knobs)
+    processor = _make_processor(chosen, logits_processor, knobs)
     check_int("max_new_tokens", max_new_tokens, min_value=1)
     if seed is not None:
         check_int("seed", seed, min_value=0)
-    func = get_strategy(strategy)
-    knob_values = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    own_knobs = {k for k in knob_values if k in inspect.signature(func).parameters}
-    # Strategies that give temperature/top_k/top_p their own meaning (EIS: top_k is the
-    # number of candidates) receive them as options; the others get a processor.
-    options.update({k: v for k, v in knob_values.items() if k in own_knobs and v is not None})
-    knob_values = {k: (None if k in own_knobs else v) for k, v in knob_values.items()}
-    processor = _make_processor(strategy, logits_processor, **knob_values)
-    default_eos, default_pad = default_eos_pad(model)
-    eos_ids = normalize_eos(default_eos if eos_token_id is None else eos_token_id, vocab_size(model))
-    if pad_token_id is None:
-        pad_token_id = default_pad if default_pad is not None else 0
-    ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id, vocab_size(model))
-    prompt_lengths = mask.sum(-1).tolist()
-    _check_room(prompt_lengths, max_new_tokens, context_length(model))
+    ids, mask, eos_ids, pad_token_id = _inputs(model, input_ids, attention_mask, eos_token_id,
+                                                pad_token_id, max_new_tokens)
     stop_strings = check_stop_strings(stop_strings)
     if stop_strings and tokenizer is None:
         raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")
-    _split_options(func, options, strategy)
-
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
-    tracker = RowTracker(
-        prompt_lengths,
-        max_new_tokens=max_new_tokens,
-        eos_token_ids=eos_ids,
-        stop_strings=stop_strings,
-        tokenizer=tokenizer,
-        streamer=streamer,
-    )
+    generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
+    tracker = RowTracker(mask.sum(-1).tolist(), max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
+                         stop_strings=stop_strings, tokenizer=tokenizer, streamer=streamer)
     request = DecodeRequest(
-        model=model,
-        input_ids=ids.to(model.device),
-        attention_mask=mask.to(model.device),
-        processor=processor,
-        tracker=tracker,
-        max_new_tokens=max_new_tokens,
-        eos_token_ids=eos_ids,
-        pad_token_id=pad_token_id,
-        generator=generator,
-        tokenizer=tokenizer,
-        use_cache=use_cache,
+        model=model, input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+        processor=processor, tracker=tracker, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
+        pad_token_id=pad_token_id, generator=generator, tokenizer=tokenizer, use_cache=use_cache,
         debug=debug,
     )
     was_training = model.training
     model.eval()
     try:
-        return func(request, **options)
+        return chosen.decode(request, opts)
     finally:
         model.train(was_training)
 

@@ -1,16 +1,16 @@
 """``decodekit`` command line: ``generate`` (every strategy), ``refine`` (the seed's demo)
 and ``bench``.
 
-Strategy flags have ``dest`` names equal to the strategy's option names; ``generate``
-passes a strategy exactly the flags its ``decode`` function accepts, and refuses a flag
-that the chosen strategy does not take. Bad input prints one line and exits with code 2.
+Strategy flags are made from the registry's ``Options`` fields (``decodekit.strategies``):
+one flag per option name, help and defaults included. ``generate`` validates the flags of the
+chosen strategy by building its ``Options`` before any model loads, and refuses a flag the
+strategy does not take. Bad input prints one line and exits with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import logging
 import math
 import sys
@@ -26,26 +26,6 @@ from decodekit.validation import (
 
 log = logging.getLogger("decodekit")
 
-# Flags that are not strategy options (everything else with a value goes to the strategy).
-COMMON_DESTS = {
-    "command", "model_path", "prompt", "prompts_file", "strategy", "max_new_tokens", "temperature",
-    "top_k", "top_p", "seed", "batch_size", "use_chat_template", "output_file", "max_display",
-    "device", "dtype", "trust_remote_code", "resume", "overwrite", "stop_strings", "debug", "verbose", "func",
-    "no_stream", "allow_special_tokens",
-}
-
-# Strategy name -> "module:function" that formats GenerationOutput.debug for --debug/--show_drafts.
-DEBUG_FORMATTERS = {
-    "beam": "decodekit.strategies.beam:format_beam_trace",
-    "eis": "decodekit.strategies.eis:format_eis_trace",
-    "refine": "decodekit.strategies.refine:format_refine_trace",
-    "jacobi": "decodekit.strategies.refine:format_refine_trace",
-    "speculative": "decodekit.visual:render_drafts",
-    "ngram": "decodekit.visual:render_drafts",
-    "prompt_lookup": "decodekit.visual:render_drafts",
-}
-
-
 def add_flag(parser, name: str, **kwargs):
     """Add ``--name`` and its dashed spelling ``--na-me`` for the same option."""
     spellings = [f"--{name}"]
@@ -53,26 +33,6 @@ def add_flag(parser, name: str, **kwargs):
         spellings.append(f"--{name.replace('_', '-')}")
     kwargs.setdefault("dest", name)
     return parser.add_argument(*spellings, **kwargs)
-
-
-def _bool_or_never(value: str):
-    low = value.lower()
-    if low in ("true", "1", "yes"):
-        return True
-    if low in ("false", "0", "no"):
-        return False
-    if low == "never":
-        return "never"
-    raise argparse.ArgumentTypeError("must be true, false or never")
-
-
-def _int_or_converge(value: str):
-    if value == "converge":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be an integer >= 1 or converge") from None
 
 
 def add_model_flags(parser) -> None:
@@ -104,44 +64,44 @@ def add_results_flags(parser) -> None:
              help="replace a non-empty --output_file (once the first new batch is done)")
 
 
-def add_strategy_flags(parser) -> None:
-    """Options of the individual strategies (default None: the strategy's own default)."""
-    g = parser.add_argument_group("beam search")
-    add_flag(g, "num_beams", type=int, default=None)
-    add_flag(g, "length_penalty", type=float, default=None)
-    add_flag(g, "early_stopping", type=_bool_or_never, default=None, help="true | false | never")
-    add_flag(g, "num_return_sequences", type=int, default=None)
-    add_flag(g, "length_style", default=None, help="hf | gnmt")
-    add_flag(g, "gnmt_min_length", type=float, default=None)
+def _flag_kwargs(default, spec) -> dict:
+    """argparse settings for one strategy option (its ``Spec``); default None = not given."""
+    from decodekit.strategies.options import parse_bool
 
-    g = parser.add_argument_group("speculative / n-gram / prompt lookup")
-    add_flag(g, "drafter", default=None, help="draft model (name, dir, .gguf) or layers:N (self-speculative)")
-    add_flag(g, "gamma", type=int, default=None, help="draft tokens per verify step")
-    add_flag(g, "draft_policy", default=None, help="fixed | egag | cost (| adaptive for prompt lookup)")
-    add_flag(g, "gamma_min", type=int, default=None)
-    add_flag(g, "gamma_max", type=int, default=None)
-    add_flag(g, "egag_ema_beta", type=float, default=None)
-    add_flag(g, "skip_sample_adjustment", action="store_const", const=True, default=None,
-             help="resample from p on rejection (LOSSY)")
-    add_flag(g, "show_drafts", action="store_const", const=True, default=None,
-             help="print the text with accepted drafts and target tokens distinguished")
-    add_flag(g, "ngram_n", type=int, default=None)
-    add_flag(g, "filler_top_k", type=int, default=None)
-    add_flag(g, "stop_if_unknown", action="store_const", const=True, default=None)
+    allowed = spec.describe()
+    help_text = f"{spec.help} ({allowed + '; ' if allowed else ''}default {default})"
+    if spec.kind is bool:
+        return dict(type=parse_bool, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
+    parse = spec.parse or (spec.kind if spec.kind in (int, float, str) else str)
+    return dict(type=parse, default=None, help=help_text, metavar=spec.kind.__name__.upper()
+                if isinstance(spec.kind, type) else "VALUE")
 
-    g = parser.add_argument_group("extended inference sampler (EIS)")
-    add_flag(g, "lookahead_steps", type=int, default=None)
-    add_flag(g, "discount_factor", type=float, default=None)
-    add_flag(g, "rollout_mode", default=None, help="greedy | sample")
 
-    g = parser.add_argument_group("block refinement / Jacobi")
-    add_flag(g, "add_eos_length", type=int, default=None)
-    add_flag(g, "refine_iter", type=_int_or_converge, default=None,
-             help="refine passes per block (>= 1), or converge (Jacobi decoding = greedy)")
-    add_flag(g, "max_length", type=int, default=None)
-    add_flag(g, "block_size", type=int, default=None, help="Jacobi: tokens guessed per block")
-    add_flag(g, "max_iterations", type=int, default=None,
-             help="Jacobi: most passes per block (then the block is kept as is: LOSSY)")
+def _default_of(strategy: str, name: str):
+    from decodekit.strategies import STRATEGIES
+
+    return next(d for n, d, _ in STRATEGIES[strategy].options.specs() if n == name)
+
+
+def add_strategy_flags(parser, taken: set[str]) -> None:
+    """One flag per strategy option, from the registry's ``Options`` fields, grouped by the
+    first strategy that takes it (``taken``: flags the parser already has)."""
+    from decodekit.strategies import STRATEGIES, option_names
+
+    users = option_names()
+    for strategy in STRATEGIES.values():
+        group = None
+        for name, default, spec in strategy.options.specs():
+            if not spec.cli or name in taken:
+                continue
+            if group is None:
+                group = parser.add_argument_group(f"strategy {strategy.name}")
+            defaults = {_default_of(s, name) for s in users[name]}
+            kwargs = _flag_kwargs(default if len(defaults) == 1 else "per strategy", spec)
+            if len(users[name]) > 1:
+                kwargs["help"] += f" [{', '.join(users[name])}]"
+            add_flag(group, name, **kwargs)
+            taken.add(name)
 
 
 def build_generate_parser(sub) -> argparse.ArgumentParser:
@@ -167,35 +127,42 @@ def build_generate_parser(sub) -> argparse.ArgumentParser:
     add_flag(p, "allow_special_tokens", action="store_true",
              help="let special-token text in a prompt (e.g. <|im_end|>) become special tokens "
                   "(default: tokenized as plain text, so a prompt cannot forge chat turns)")
-    add_strategy_flags(p)
+    add_strategy_flags(p, {a.dest for a in p._actions})
     p.set_defaults(func=run_generate)
     return p
 
 
-def _strategy_options(args, strategy: str) -> dict:
-    """The strategy flags the user set, checked against what the strategy accepts."""
+def _strategy_options(args) -> dict:
+    """The strategy flags the user set, validated by the strategy's ``Options`` (before any
+    model loads); a flag the chosen strategy does not take is refused."""
+    from decodekit.strategies import build_options, option_names
+
+    takes = {name for name, _, spec in _strategy(args).options.specs() if spec.cli}
+    options, refused = {}, []
+    for name in option_names():
+        value = getattr(args, name, None)
+        if value is None or name in ("temperature", "top_k", "top_p"):
+            continue
+        if name in takes:
+            options[name] = value
+        else:
+            refused.append("--" + name)
+    if refused:
+        raise DecodeKitError(f"{', '.join(refused)} do(es) not apply to strategy {args.strategy!r}")
+    build_options(args.strategy, options, dict(temperature=args.temperature, top_k=args.top_k,
+                                               top_p=args.top_p))
+    return options
+
+
+def _strategy(args):
     from decodekit.strategies import get_strategy
 
-    params = inspect.signature(get_strategy(strategy)).parameters
-    options, refused = {}, []
-    for dest, value in vars(args).items():
-        if dest in COMMON_DESTS or value is None:
-            continue
-        if dest in params:
-            options[dest] = value
-        else:
-            refused.append("--" + dest)
-    if refused:
-        raise DecodeKitError(f"{', '.join(refused)} do(es) not apply to strategy {strategy!r}")
-    return options
+    return get_strategy(args.strategy)
 
 
 def _validate_generate_args(args) -> None:
     """Everything that can be checked before the model is loaded."""
-    from decodekit.strategies import STRATEGIES
-
-    if args.strategy not in STRATEGIES:
-        raise DecodeKitError(f"strategy must be one of {', '.join(STRATEGIES)}; got {args.strategy!r}")
+    _strategy(args)  # a known name
     check_int("max_new_tokens", args.max_new_tokens, min_value=1)
     check_int("batch_size", args.batch_size, min_value=1)
     check_int("max_display", args.max_display, min_value=0)
@@ -230,150 +197,14 @@ def _validate_model_args(args) -> None:
         check_model_spec(drafter, param="drafter")
 
 
-# Bounds of the strategy flags, checked before the model loads (the strategies check again).
-FLAG_MIN_INT = {"num_beams": 1, "num_return_sequences": 1, "gamma": 1, "gamma_min": 1, "gamma_max": 1,
-                "ngram_n": 2, "filler_top_k": 1, "lookahead_steps": 0, "add_eos_length": 1,
-                "max_length": 2, "block_size": 1, "max_iterations": 1}
-
-
-def _check_strategy_flags(options: dict) -> None:
-    for name, value in options.items():
-        if name in FLAG_MIN_INT:
-            check_int(name, value, min_value=FLAG_MIN_INT[name])
-    if "discount_factor" in options:
-        check_float("discount_factor", options["discount_factor"], min_value=0.0, min_inclusive=False,
-                    max_value=1.0)
-    if "egag_ema_beta" in options:
-        check_float("egag_ema_beta", options["egag_ema_beta"], min_value=0.0, max_value=1.0, max_inclusive=False)
-    if "gnmt_min_length" in options:
-        check_float("gnmt_min_length", options["gnmt_min_length"], min_value=0.0)
-    if isinstance(options.get("refine_iter"), int):
-        check_int("refine_iter", options["refine_iter"], min_value=1)
-    beams, returned = options.get("num_beams"), options.get("num_return_sequences", 1)
-    if beams is not None and returned > beams:
-        raise DecodeKitError(f"num_return_sequences must be <= num_beams ({beams}), got {returned}")
-
-
-class _TerminalStream:
-    """Prints row 0's text as its tokens arrive; a character split over several tokens is
-    printed once it is complete (``IncrementalDetokenizer``)."""
-
-    def __init__(self, tokenizer):
-        from decodekit.detok import IncrementalDetokenizer
-
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
-
-    def _write(self, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    def __call__(self, row: int, tokens: list[int]) -> None:
-        if row == 0:
-            self._write(self.detok.push(tokens))
-
-    def end(self) -> None:
-        self._write(self.detok.flush() + "\n")
-
-
-def _format_debug(strategy: str, output, tokenizer) -> str | None:
-    target = DEBUG_FORMATTERS.get(strategy)
-    if target is None or not output.debug:
-        return None
-    module, func = target.split(":")
-    try:
-        return getattr(importlib.import_module(module), func)(output.debug, tokenizer)
-    except (ImportError, AttributeError):
-        return None
-
-
-def open_results(args, prompts: list[str], generate_kwargs: dict):
-    """The ``--output_file`` writer (None without one), checked before the model loads:
-    nothing is written until the first batch is done."""
-    from decodekit.io import ResultWriter
-
-    if not args.output_file:
-        return None
-    per_prompt = generate_kwargs.get("num_return_sequences") or 1
-    return ResultWriter(args.output_file, prompts, per_prompt=per_prompt, resume=args.resume,
-                        overwrite=getattr(args, "overwrite", False))
-
-
-def _batch_records(indices, texts, rows, out, tokenizer, dtype: str) -> list[dict]:
-    """The results of one batch: ``per_prompt`` records a prompt (beam num_return_sequences)."""
-    from decodekit.io import make_record
-
-    per_prompt = len(out.sequences) // len(texts)
-    records = []
-    for i, (index, text) in enumerate(zip(indices, texts)):
-        for j in range(per_prompt):
-            stats = {**out.stats[i].to_dict(), "dtype": dtype}
-            record = make_record(text, rows[i], out.sequences[i * per_prompt + j], tokenizer, stats=stats,
-                                 index=index, sample_index=j if per_prompt > 1 else None)
-            if out.scores is not None:
-                record["score"] = out.scores[i * per_prompt + j]
-            records.append(record)
-    return records
-
-
-def generate_prompts(model, tokenizer, prompts, args, generate_kwargs, show_debug: bool, writer=None):
-    """Shared batch loop: tqdm over batches, results written per batch, resume honoured.
-
-    ``generate_kwargs`` are passed to ``decodekit.generate``; ``writer`` (``open_results``)
-    gives the prompts still to run and takes each batch. Returns the records of this run.
-    """
-    from tqdm import tqdm
-
-    from decodekit.api import generate
-    from decodekit.io import encode_prompts, iter_batches
-
-    todo = writer.pending() if writer is not None else list(range(len(prompts)))
-    if len(todo) < len(prompts):
-        log.warning("resume: %d of %d prompts already in %s", len(prompts) - len(todo), len(prompts), args.output_file)
-    use_chat = getattr(args, "use_chat_template", None)
-    if use_chat is None:
-        use_chat = bool(getattr(tokenizer, "chat_template", None))
-    stream = len(todo) == 1 and not getattr(args, "no_stream", False) and not show_debug
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    records = []
-    batches = list(iter_batches(todo, args.batch_size))
-    for batch in tqdm(batches, desc="batches", unit="batch", disable=len(batches) <= 1, file=sys.stderr):
-        texts = [prompts[i] for i in batch]
-        rows = encode_prompts(tokenizer, texts, use_chat,
-                              allow_special_tokens=getattr(args, "allow_special_tokens", False))
-        streamer = _TerminalStream(tokenizer) if stream else None
-        out = generate(model, rows, tokenizer=tokenizer, streamer=streamer, **generate_kwargs)
-        batch_records = _batch_records(batch, texts, rows, out, tokenizer, dtype)
-        if show_debug:
-            shown = _format_debug(generate_kwargs["strategy"], out, tokenizer)
-            if shown:
-                print(shown)
-        if writer is not None:
-            writer.write(batch_records)
-        records.extend(batch_records)
-    return records
-
-
-def print_records(records, max_display: int) -> None:
-    for record in records[:max_display]:
-        print("=" * 72)
-        print(f"PROMPT: {record['prompt']}")
-        print(f"RESPONSE: {record['response']}")
-        stats = record.get("stats")
-        if stats:
-            keys = ("new_tokens", "forward_passes", "tokens_per_s", "acceptance_rate", "mean_accepted_length")
-            print("STATS: " + ", ".join(f"{k}={stats[k]}" for k in keys if k in stats))
-    if len(records) > max_display:
-        print(f"... {len(records) - max_display} more")
-
-
 def run_generate(args) -> int:
+    from decodekit.batch_runner import generate_prompts, open_results, print_records
     from decodekit.io import load_prompts
     from decodekit.models import load_model
 
     _validate_generate_args(args)
     prompts = load_prompts(args.prompt, args.prompts_file)
-    options = _strategy_options(args, args.strategy)
-    _check_strategy_flags(options)
+    options = _strategy_options(args)
     kwargs = dict(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop_strings,
                   debug=args.debug, **options)

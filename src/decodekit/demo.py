@@ -11,7 +11,7 @@ refine ...``). Flags are the seed's: ``--model_path``, ``--prompt`` | ``--prompt
 either, such a file is never touched and the run stops with an error).
 
 Prompt loading, batching, tqdm progress and result writing are ``decodekit generate``'s
-(``decodekit.io`` and ``decodekit.cli.generate_prompts``). Bad input prints one line and
+(``decodekit.io`` and ``decodekit.batch_runner``). Bad input prints one line and
 exits with code 2.
 """
 
@@ -21,6 +21,7 @@ import argparse
 import logging
 import sys
 
+from decodekit.strategies.options import parse_int_or
 from decodekit.validation import DecodeKitError, check_int
 
 __all__ = ["add_arguments", "run", "main"]
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "prompts_file", default=None, help=".txt (one a line), .json (list) or .jsonl")
     add_flag(parser, "add_eos_length", type=int, default=127,
              help="EOS placeholders per block; each block yields add_eos_length + 1 tokens")
-    add_flag(parser, "refine_iter", default="2",
+    add_flag(parser, "refine_iter", type=parse_int_or("converge"), default=2,
              help="refine passes per block (>= 1), or 'converge' (Jacobi decoding = greedy)")
     add_flag(parser, "max_new_tokens", type=int, default=1024)
     add_flag(parser, "max_length", type=int, default=8192, help="most tokens per row, prompt included")
@@ -54,22 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(no_stream=True)
 
 
-def _refine_iter(value) -> int | str:
-    """``"2"`` -> 2, ``"converge"`` -> ``"converge"``; anything else is bad input."""
-    if isinstance(value, int) or value == "converge":
-        return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise DecodeKitError(f"refine_iter must be an integer >= 1 or 'converge', got {value!r}") from None
-
-
 def _validate(args) -> None:
     """Everything that can be checked before the model is loaded."""
-    from decodekit.strategies.refine import check_refine_options
+    from decodekit.strategies.refine import RefineOptions
 
-    args.refine_iter = _refine_iter(args.refine_iter)
-    check_refine_options(args.add_eos_length, args.refine_iter, args.max_length)
+    RefineOptions(args.add_eos_length, args.refine_iter, args.max_length)
     check_int("max_new_tokens", args.max_new_tokens, min_value=1)
     check_int("batch_size", args.batch_size, min_value=1)
     check_int("max_display", args.max_display, min_value=0)
@@ -88,7 +78,7 @@ def _check_prompt_lengths(tokenizer, prompts: list[str], use_chat_template: bool
 
 
 def run(args) -> int:
-    from decodekit.cli import generate_prompts, open_results, print_records
+    from decodekit.batch_runner import generate_prompts, open_results, print_records
     from decodekit.io import load_prompts
     from decodekit.models import load_model
 
@@ -112,9 +102,14 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m decodekit.demo", description=__doc__.splitlines()[0])
+    from decodekit.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="python -m decodekit.demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (one line, code 2) or --help (code 0)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)

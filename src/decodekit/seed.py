@@ -26,7 +26,7 @@ from decodekit.model_info import default_eos_pad, vocab_size
 from decodekit.ngram_storage import INgramStorage
 from decodekit.processors import GreedyProcessor, LogitsProcessor
 from decodekit.strategies.beam import format_beam_trace
-from decodekit.strategies.eis import _check_options, _Scorer, format_eis_trace, rollout
+from decodekit.strategies.eis import EisOptions, _Scorer, format_eis_trace, rollout
 from decodekit.validation import DecodeKitError
 
 __all__ = [
@@ -207,6 +207,8 @@ def iterative_generate(model, input_ids: Tensor, attention_mask: Tensor | None =
         pad_token_id = default_eos_pad(model)[1]
         pad_token_id = 0 if pad_token_id is None else pad_token_id
     ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id)
+    if isinstance(max_new_tokens, int) and isinstance(max_length, int):  # the seed stops at max_length
+        max_new_tokens = max(1, min(max_new_tokens, max_length - int(mask.sum(-1).max())))
     out = generate(model, ids, mask, strategy="refine", max_new_tokens=max_new_tokens,
                    eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                    add_eos_length=add_eos_length, refine_iter=refine_iter, max_length=max_length)
@@ -235,7 +237,7 @@ class ExtendedInferenceSampler:
         use_cache: bool = True,
         debug: bool = False,
     ):
-        _check_options(lookahead_steps, discount_factor, top_k, temperature, top_p, rollout_mode, vocab_size(model))
+        EisOptions(lookahead_steps, discount_factor, top_k, temperature, top_p, rollout_mode).scoring(vocab_size(model))
         self.model = model
         self.tokenizer = tokenizer
         self.lookahead_steps = lookahead_steps
@@ -255,7 +257,7 @@ class ExtendedInferenceSampler:
         )
 
     def _scorer(self) -> _Scorer:
-        temperature, top_p = _check_options(**self._options(), vocab_size=vocab_size(self.model))
+        temperature, top_p = EisOptions(**self._options()).scoring(vocab_size(self.model))
         eos = _eos_ids(None, self.model)
         return _Scorer(temperature, top_p, self.rollout_mode == "greedy", None, eos)
 

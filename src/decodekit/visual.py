@@ -19,7 +19,7 @@ import sys
 
 from decodekit.detok import IncrementalDetokenizer
 
-__all__ = ["render_drafts", "draft_legend"]
+__all__ = ["render_drafts", "draft_legend", "format_draft_trace"]
 
 _ANSI = {"draft": "\033[32m", "recovered": "\033[1;31m"}
 _RESET = "\033[0m"
@@ -86,3 +86,9 @@ def render_drafts(tokenizer, trace, color: bool | None = None) -> str:
     if len(rows) == 1 and rows is not trace:
         return rendered[0]
     return "\n\n".join([draft_legend(color)] + [f"[{i}] {text}" for i, text in enumerate(rendered)])
+
+
+def format_draft_trace(debug, tokenizer=None) -> str:
+    """Trace formatter of the drafting strategies (``Strategy.format_trace``): every row's
+    text with accepted drafts and target tokens distinguished."""
+    return render_drafts(tokenizer, debug)

@@ -7,17 +7,25 @@ The prompt is prefilled once; every step feeds only the new token through the KV
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from decodekit.cache import ModelState
 from decodekit.strategies.base import DecodeRequest, drop_finished
+from decodekit.strategies.options import Options
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class AutoregressiveOptions(Options):
+    """Greedy and sampling take no options of their own (temperature / top_k / top_p and
+    the other sampling knobs are ``generate``'s)."""
+
+
 @torch.inference_mode()
-def decode(req: DecodeRequest):
+def decode(req: DecodeRequest, opts: AutoregressiveOptions | None = None):
     """Greedy or sampled decoding, depending on ``req.processor``."""
     tracker = req.tracker
     state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)

@@ -38,9 +38,10 @@ from torch import Tensor
 from decodekit.cache import ModelState
 from decodekit.processors import top_k_filtering
 from decodekit.strategies.base import DecodeRequest
-from decodekit.validation import DecodeKitError, check_choice, check_float, check_int
+from decodekit.strategies.options import Options, option, parse_bool_or
+from decodekit.validation import DecodeKitError, check_float, check_int
 
-__all__ = ["decode", "format_beam_trace", "LengthPenalty"]
+__all__ = ["BeamOptions", "decode", "format_beam_trace", "LengthPenalty"]
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +98,30 @@ class Candidates:
 
 
 # ---------------------------------------------------------------------------- validation
-def _check_options(num_beams, length_penalty, early_stopping, num_return_sequences, length_style,
-                   gnmt_min_length, expansion_top_k) -> LengthPenalty:
-    check_int("num_beams", num_beams, min_value=1)
-    check_int("num_return_sequences", num_return_sequences, min_value=1, max_value=num_beams)
-    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
-        raise DecodeKitError(f"early_stopping must be True, False or 'never'; got {early_stopping!r}")
-    check_choice("length_style", length_style, LENGTH_STYLES)
-    check_float("length_penalty", length_penalty)
-    if length_style == "gnmt":
-        check_float("length_penalty", length_penalty, min_value=0.0)  # alpha of the GNMT penalty
-    check_float("gnmt_min_length", gnmt_min_length, min_value=0.0)
-    if expansion_top_k is not None:
-        check_int("expansion_top_k", expansion_top_k, min_value=1)
-    return LengthPenalty(length_style, float(length_penalty), float(gnmt_min_length))
+@dataclass(frozen=True)
+class BeamOptions(Options):
+    """Options of strategy ``"beam"`` (transformers' names where they overlap)."""
+
+    num_beams: int = option(4, "beams kept per prompt", int, min=1)
+    length_penalty: float = option(1.0, "exponent of the length normalisation", float)
+    early_stopping: bool | str = option(False, "true | false | never, as in transformers", "any",
+                                        parse=parse_bool_or("never"))
+    num_return_sequences: int = option(1, "sequences returned per prompt (<= num_beams)", int, min=1)
+    length_style: str = option("hf", "hf: logp / L**penalty; gnmt: GNMT length penalty", str,
+                               choices=LENGTH_STYLES)
+    gnmt_min_length: float = option(5.0, "the GNMT penalty's constant m", float, min=0.0)
+    expansion_top_k: int | None = option(None, "keep each beam's top-k expansions", int, min=1,
+                                         optional=True)
+
+    def validate(self) -> None:
+        if not (self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never"):
+            raise DecodeKitError(f"early_stopping must be True, False or 'never'; got {self.early_stopping!r}")
+        check_int("num_return_sequences", self.num_return_sequences, max_value=self.num_beams)
+        if self.length_style == "gnmt":
+            check_float("length_penalty", self.length_penalty, min_value=0.0)  # GNMT alpha
+
+    def penalty(self) -> LengthPenalty:
+        return LengthPenalty(self.length_style, float(self.length_penalty), float(self.gnmt_min_length))
 
 
 # ---------------------------------------------------------------------------- one step
@@ -200,21 +211,10 @@ def prompts_done(hyps: list[Hypotheses], best_running: Tensor, length: int, pena
 
 # ---------------------------------------------------------------------------- the loop
 @torch.inference_mode()
-def decode(
-    req: DecodeRequest,
-    *,
-    num_beams: int = 4,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    num_return_sequences: int = 1,
-    length_style: str = "hf",
-    gnmt_min_length: float = 5.0,
-    expansion_top_k: int | None = None,
-):
+def decode(req: DecodeRequest, opts: BeamOptions):
     """Beam search over a batch of prompts; returns ``num_return_sequences`` sequences per
     prompt (prompt-major) with their scores, and one ``RequestStats`` per prompt."""
-    penalty = _check_options(num_beams, length_penalty, early_stopping, num_return_sequences,
-                             length_style, gnmt_min_length, expansion_top_k)
+    penalty, num_beams, early_stopping = opts.penalty(), opts.num_beams, opts.early_stopping
     tracker = req.tracker
     width = max(2, 1 + len(req.eos_token_ids)) * num_beams
     state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)
@@ -228,7 +228,7 @@ def decode(
 
     for step in range(req.max_new_tokens):
         tracker.count_forwards(state, rows=live)  # the last forward: every live prompt's beams
-        log_probs = expansion_log_probs(req, logits[:, -1], expansion_top_k)  # [n*b, V]
+        log_probs = expansion_log_probs(req, logits[:, -1], opts.expansion_top_k)  # [n*b, V]
         cand = top_candidates(log_probs, scores, tokens, width)
         ended = ends_hypothesis(req, cand)
         live_hyps = [hyps[p] for p in live]
@@ -245,7 +245,7 @@ def decode(
         tokens = tokens.view(len(done), num_beams, -1)[keep].flatten(0, 1)
         state.select_rows(rows.flatten())  # reorder the KV cache by source beam
         logits = state.extend(tokens[:, -1:])  # [n*k, 1, V]
-    return _result(req, hyps, num_return_sequences, trace)
+    return _result(req, hyps, opts.num_return_sequences, trace)
 
 
 def _result(req: DecodeRequest, hyps: list[Hypotheses], num_return_sequences: int, trace):

@@ -36,11 +36,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from decodekit.strategies.options import Options, option
 from decodekit.validation import DecodeKitError, check_choice, check_float, check_int
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "forward_cost_curve",
     "expected_tokens",
     "egag_gamma",
+    "DraftOptions",
 ]
 
 POLICIES = ("fixed", "egag", "cost", "adaptive")
@@ -451,3 +453,25 @@ def _check_gamma(name: str, value) -> None:
     check_int(name, value)
     if not 1 <= value <= GAMMA_LIMIT:
         raise DecodeKitError(f"{name} must be >= 1 and <= {GAMMA_LIMIT} (drafts per step), got {value}")
+
+
+@dataclass(frozen=True)
+class DraftOptions(Options):
+    """The draft-length options every drafting strategy shares (validated on construction)."""
+
+    gamma: int = option(5, "draft tokens per verify step (fixed), or the most (egag/cost/adaptive)",
+                        int, min=1, max=GAMMA_LIMIT)
+    draft_policy: str = option("fixed", "how many tokens to draft each step", str, choices=POLICIES)
+    gamma_min: int = option(1, "fewest drafts per step for egag / cost", int, min=1)
+    gamma_max: int | None = option(None, "most drafts per step for egag / cost / adaptive (default gamma)",
+                                   int, min=1, max=GAMMA_LIMIT, optional=True)
+    egag_ema_beta: float = option(0.0, "EGAG: EMA weight of the previous draft length, in [0, 1)",
+                                  float, min=0.0)
+
+    def validate(self) -> None:
+        self.policy()  # the cross-field checks live in make_policy
+
+    def policy(self) -> DraftPolicy:
+        """A fresh policy for one ``generate`` call."""
+        return make_policy(self.draft_policy, gamma=self.gamma, gamma_min=self.gamma_min,
+                           gamma_max=self.gamma_max, egag_ema_beta=self.egag_ema_beta)

@@ -38,6 +38,7 @@ so about 5.8x without it (estimate: + one greedy step).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -46,9 +47,10 @@ from decodekit.cache import ModelState
 from decodekit.model_info import vocab_size
 from decodekit.processors import top_p_filtering
 from decodekit.strategies.base import DecodeRequest, drop_finished
-from decodekit.validation import DecodeKitError, check_choice, check_float, check_int, check_top_p
+from decodekit.strategies.options import Options, option
+from decodekit.validation import DecodeKitError, check_float, check_int, check_top_p
 
-__all__ = ["decode", "format_eis_trace", "ROLLOUT_MODES"]
+__all__ = ["EisOptions", "decode", "format_eis_trace", "ROLLOUT_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +58,32 @@ ROLLOUT_MODES = ("greedy", "sample")
 
 
 # ---------------------------------------------------------------------- options
-def _check_options(lookahead_steps, discount_factor, top_k, temperature, top_p, rollout_mode, vocab_size):
-    """Validate EIS options; returns ``(temperature, top_p)`` with defaults filled in."""
-    check_int("lookahead_steps", lookahead_steps, min_value=0)
-    check_float("discount_factor", discount_factor, min_value=0.0, min_inclusive=False, max_value=1.0)
-    check_int("top_k", top_k, min_value=1, max_value=vocab_size)
-    check_choice("rollout_mode", rollout_mode, ROLLOUT_MODES)
-    if temperature is not None:
-        check_float("temperature", temperature, min_value=0.0)
-        if rollout_mode == "sample" and temperature <= 0:
-            raise DecodeKitError(
-                f"temperature must be > 0 with rollout_mode='sample', got {temperature}"
-            )
-    temperature = 1.0 if not temperature else float(temperature)
-    top_p = 1.0 if top_p is None else float(check_top_p(top_p))
-    return temperature, top_p
+@dataclass(frozen=True)
+class EisOptions(Options):
+    """Options of strategy ``"eis"``; ``top_k`` / ``temperature`` / ``top_p`` are its own: they
+    shape the candidates and their scoring distribution."""
+
+    lookahead_steps: int = option(3, "rollout tokens scored after each candidate (L)", int, min=0)
+    discount_factor: float = option(0.9, "discount of rollout log-probs, in (0, 1]", float, max=1.0)
+    top_k: int = option(5, "candidates per step", int, min=1)
+    temperature: float | None = option(None, "temperature of the scoring distribution", float,
+                                       min=0.0, optional=True)
+    top_p: float | None = option(None, "nucleus filter of the scoring distribution", float,
+                                 optional=True)
+    rollout_mode: str = option("greedy", "how rollout tokens are chosen", str, choices=ROLLOUT_MODES)
+
+    def validate(self) -> None:
+        check_float("discount_factor", self.discount_factor, min_value=0.0, min_inclusive=False)
+        if self.top_p is not None:
+            check_top_p(self.top_p)
+        if self.rollout_mode == "sample" and self.temperature is not None and self.temperature <= 0:
+            raise DecodeKitError(f"temperature must be > 0 with rollout_mode='sample', got {self.temperature}")
+
+    def scoring(self, vocab: int) -> tuple[float, float]:
+        """``(temperature, top_p)`` with defaults filled in, once the vocabulary is known."""
+        check_int("top_k", self.top_k, max_value=vocab)
+        temperature = 1.0 if not self.temperature else float(self.temperature)
+        return temperature, 1.0 if self.top_p is None else float(self.top_p)
 
 
 # ---------------------------------------------------------------------- scoring
@@ -183,32 +196,22 @@ def format_eis_trace(trace: list[dict], tokenizer=None) -> str:
 
 # ---------------------------------------------------------------------- the strategy
 @torch.inference_mode()
-def decode(
-    req: DecodeRequest,
-    *,
-    lookahead_steps: int = 3,
-    discount_factor: float = 0.9,
-    top_k: int = 5,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    rollout_mode: str = "greedy",
-):
+def decode(req: DecodeRequest, opts: EisOptions):
     """EIS decoding (see the module docstring). ``top_k``: candidates per step;
     ``temperature``/``top_p`` shape the scoring distribution; ``rollout_mode``: how
     rollout tokens are chosen ("greedy" or "sample", seeded by ``seed``)."""
-    temperature, top_p = _check_options(
-        lookahead_steps, discount_factor, top_k, temperature, top_p, rollout_mode, vocab_size(req.model)
-    )
+    temperature, top_p = opts.scoring(vocab_size(req.model))
     if not req.processor.is_greedy:
         raise DecodeKitError("strategy 'eis' takes temperature/top_k/top_p, not a logits_processor")
-    scorer = _Scorer(temperature, top_p, rollout_mode == "greedy", req.generator, req.eos_token_ids)
+    scorer = _Scorer(temperature, top_p, opts.rollout_mode == "greedy", req.generator, req.eos_token_ids)
     tracker = req.tracker
     state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)
     logits = logits[:, -1]  # [B, V]
     trace: list[dict] = []
     step = 0
     while True:
-        chosen, state, logits, info = eis_step(state, logits, top_k, lookahead_steps, discount_factor, scorer)
+        chosen, state, logits, info = eis_step(state, logits, opts.top_k, opts.lookahead_steps,
+                                               opts.discount_factor, scorer)
         if req.debug:
             trace += _trace_records(step, list(tracker.active), chosen, info)
         finished = tracker.push(chosen[:, None])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -36,15 +37,18 @@ from decodekit.model_info import vocab_size
 from decodekit.ngram_storage import INgramStorage, NGramStorage, update_many
 from decodekit.outputs import GenerationOutput
 from decodekit.strategies.base import DecodeRequest
-from decodekit.strategies.draft_policy import AcceptanceGate, make_policy
+from decodekit.strategies.draft_policy import POLICIES, AcceptanceGate, DraftOptions
+from decodekit.strategies.options import option
 from decodekit.strategies.speculative import Draft, Drafter, speculative_loop
 from decodekit.strategies.verify import VerifyResult
-from decodekit.validation import DecodeKitError, check_choice, check_int
+from decodekit.validation import DecodeKitError
 
 __all__ = [
     "AcceptanceGate",
     "NgramDrafter",
     "PromptLookupDrafter",
+    "NgramOptions",
+    "PromptLookupOptions",
     "decode",
     "decode_prompt_lookup",
     "prompt_lookup_candidates",
@@ -211,27 +215,33 @@ class PromptLookupDrafter(_DeterministicDrafter):
 
 
 # ---------------------------------------------------------------------------- strategies
-def _check_common(ngram_n, gamma, draft_policy, show_drafts, first_target=True):
-    """Validate the options both strategies share; returns the draft-length policy."""
-    check_int("ngram_n", ngram_n, min_value=2)
-    policy = make_policy(draft_policy, gamma=gamma)
-    check_choice("show_drafts", show_drafts, [True, False])
-    check_choice("first_target", first_target, [True, False])
-    return policy
+@dataclass(frozen=True)
+class PromptLookupOptions(DraftOptions):
+    """Options of strategy ``"prompt_lookup"``."""
+
+    draft_policy: str = option("adaptive", "how many tokens to draft each step (adaptive: only "
+                               "where measured acceptance pays)", str, choices=POLICIES)
+    ngram_n: int = option(3, "longest suffix (n-gram order) matched", int, min=2)
+    show_drafts: bool = option(False, "record accepted drafts and target tokens for display", bool)
 
 
-def decode(
-    req: DecodeRequest,
-    *,
-    ngram_n: int = 3,
-    gamma: int = 5,
-    filler_top_k: int = 3,
-    stop_if_unknown: bool = False,
-    first_target: bool = True,
-    draft_policy: str = "adaptive",
-    show_drafts: bool = False,
-    storage: INgramStorage | None = None,
-) -> GenerationOutput:
+@dataclass(frozen=True)
+class NgramOptions(PromptLookupOptions):
+    """Options of strategy ``"ngram"`` (NASD)."""
+
+    filler_top_k: int = option(3, "the target's top-k at each verified position update the counts",
+                               int, min=1)
+    stop_if_unknown: bool = option(False, "stop drafting at an unknown context", bool)
+    first_target: bool = option(True, "the first token of a step comes from the target", bool)
+    storage: object = option(None, "an INgramStorage to draft from (API only)", "any", cli=False)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.storage is not None and not isinstance(self.storage, INgramStorage):
+            raise DecodeKitError(f"storage must be an INgramStorage, got {type(self.storage).__name__}")
+
+
+def decode(req: DecodeRequest, opts: NgramOptions) -> GenerationOutput:
     """N-gram assisted speculative decoding (strategy ``"ngram"``), batched.
 
     ``ngram_n``: largest n-gram order (orders 2..n, backoff); ``gamma``: drafts per step;
@@ -242,38 +252,26 @@ def decode(
     ``INgramStorage`` to use instead of ``NGramStorage(ngram_n, vocab)``; each row drafts
     from its own copy (a single row uses and updates the instance itself).
     """
-    policy = _check_common(ngram_n, gamma, draft_policy, show_drafts, first_target)
-    check_int("filler_top_k", filler_top_k, min_value=1)
-    check_choice("stop_if_unknown", stop_if_unknown, [True, False])
     vocab = vocab_size(req.model)
-    if storage is None:
-        storage = NGramStorage(ngram_n, vocab)
-    elif not isinstance(storage, INgramStorage):
-        raise DecodeKitError(f"storage must be an INgramStorage, got {type(storage).__name__}")
-    elif storage.vocab_size != vocab:
+    storage = opts.storage if opts.storage is not None else NGramStorage(opts.ngram_n, vocab)
+    if storage.vocab_size != vocab:
         raise DecodeKitError(
             f"n-gram storage vocab_size ({storage.vocab_size}) does not match the model's "
             f"vocabulary ({vocab} tokens)"
         )
-    drafter = NgramDrafter(storage, filler_top_k=filler_top_k, stop_if_unknown=stop_if_unknown,
+    drafter = NgramDrafter(storage, filler_top_k=opts.filler_top_k, stop_if_unknown=opts.stop_if_unknown,
                            share_storage=req.input_ids.shape[0] == 1)
-    return speculative_loop(req, drafter, policy, first_target=first_target, show_drafts=show_drafts)
+    return speculative_loop(req, drafter, opts.policy(), first_target=opts.first_target,
+                            show_drafts=opts.show_drafts)
 
 
-def decode_prompt_lookup(
-    req: DecodeRequest,
-    *,
-    ngram_n: int = 3,
-    gamma: int = 5,
-    draft_policy: str = "adaptive",
-    show_drafts: bool = False,
-) -> GenerationOutput:
+def decode_prompt_lookup(req: DecodeRequest, opts: PromptLookupOptions) -> GenerationOutput:
     """Prompt lookup decoding (strategy ``"prompt_lookup"``), batched.
 
     ``ngram_n``: longest suffix tried (down to 1 token); ``gamma``: at most this many
     drafts copied per step; ``draft_policy``: ``adaptive`` (default: drafts only where the
     measured acceptance pays for them; never much slower than greedy) | ``fixed`` | ``cost``.
     """
-    policy = _check_common(ngram_n, gamma, draft_policy, show_drafts)
-    return speculative_loop(req, PromptLookupDrafter(ngram_n), policy, show_drafts=show_drafts)
+    drafter = PromptLookupDrafter(opts.ngram_n)
+    return speculative_loop(req, drafter, opts.policy(), show_drafts=opts.show_drafts)
 

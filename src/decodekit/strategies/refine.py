@@ -45,10 +45,11 @@ from torch import Tensor
 from decodekit.cache import ModelState
 from decodekit.processors import GreedyProcessor
 from decodekit.strategies.base import DecodeRequest, drop_finished
+from decodekit.strategies.options import Options, option, parse_int_or
 from decodekit.strategies.verify import verify
 from decodekit.validation import DecodeKitError, check_int
 
-__all__ = ["decode_refine", "decode_jacobi", "format_refine_trace"]
+__all__ = ["RefineOptions", "JacobiOptions", "decode_refine", "decode_jacobi", "format_refine_trace"]
 
 log = logging.getLogger(__name__)
 
@@ -236,19 +237,40 @@ def _decode_blocks(req: DecodeRequest, block_size: int, max_iterations: int | No
 
 
 # ---------------------------------------------------------------------------- strategies
-def check_refine_options(add_eos_length, refine_iter, max_length) -> int | None:
-    """Validate the seed's options; returns ``max_iterations`` (None = converge)."""
-    check_int("add_eos_length", add_eos_length, min_value=1)
-    check_int("max_length", max_length, min_value=2)
-    if refine_iter == CONVERGE:
-        return None
-    if isinstance(refine_iter, str):
-        raise DecodeKitError(f"refine_iter must be an integer >= 1 or {CONVERGE!r}, got {refine_iter!r}")
-    return check_int("refine_iter", refine_iter, min_value=1)
+@dataclass(frozen=True)
+class RefineOptions(Options):
+    """Options of strategy ``"refine"`` (the seed's names)."""
+
+    add_eos_length: int = option(127, "EOS placeholders per block; a block is add_eos_length + 1 tokens",
+                                 int, min=1)
+    refine_iter: int | str = option(2, "refine passes per block (>= 1), or converge (Jacobi = greedy)",
+                                    "any", parse=parse_int_or(CONVERGE))
+    max_length: int = option(8192, "most tokens per row, prompt included", int, min=2)
+
+    def validate(self) -> None:
+        if self.refine_iter == CONVERGE:
+            return
+        if isinstance(self.refine_iter, str):
+            raise DecodeKitError(
+                f"refine_iter must be an integer >= 1 or {CONVERGE!r}, got {self.refine_iter!r}")
+        check_int("refine_iter", self.refine_iter, min_value=1)
+
+    @property
+    def max_iterations(self) -> int | None:
+        """Passes per block (None: until converged)."""
+        return None if self.refine_iter == CONVERGE else self.refine_iter
 
 
-def decode_refine(req: DecodeRequest, *, add_eos_length: int = 127, refine_iter: int | str = 2,
-                  max_length: int = 8192):
+@dataclass(frozen=True)
+class JacobiOptions(Options):
+    """Options of strategy ``"jacobi"``."""
+
+    block_size: int = option(16, "tokens guessed per block", int, min=1)
+    max_iterations: int | None = option(None, "most passes per block (then the block is kept as "
+                                        "is: LOSSY)", int, min=1, optional=True)
+
+
+def decode_refine(req: DecodeRequest, opts: RefineOptions):
     """The seed's iterative block refinement, greedy: blocks of ``add_eos_length + 1``
     tokens, each refined by ``refine_iter`` passes (``"converge"``: until it stops changing,
     which is Jacobi decoding). Rows stop at EOS, ``max_new_tokens`` or at ``max_length``
@@ -260,17 +282,16 @@ def decode_refine(req: DecodeRequest, *, add_eos_length: int = 127, refine_iter:
     block) and ``unconverged_tokens``; with ``debug=True`` also ``passes``: per pass, the
     block positions that changed (see ``format_refine_trace``).
     """
-    max_iterations = check_refine_options(add_eos_length, refine_iter, max_length)
     longest = int(req.attention_mask.sum(-1).max())
-    if longest >= max_length:
+    if longest >= opts.max_length:
         raise DecodeKitError(
-            f"prompt is {longest} tokens, at or over max_length={max_length}: raise max_length "
+            f"prompt is {longest} tokens, at or over max_length={opts.max_length}: raise max_length "
             "or shorten the prompt"
         )
-    return _decode_blocks(req, add_eos_length + 1, max_iterations, max_length)
+    return _decode_blocks(req, opts.add_eos_length + 1, opts.max_iterations, opts.max_length)
 
 
-def decode_jacobi(req: DecodeRequest, *, block_size: int = 16, max_iterations: int | None = None):
+def decode_jacobi(req: DecodeRequest, opts: JacobiOptions):
     """Jacobi decoding: guess ``block_size`` tokens, refine them in parallel until they reach
     the fixed point, committing every leading position that has converged after each pass.
 
@@ -281,10 +302,7 @@ def decode_jacobi(req: DecodeRequest, *, block_size: int = 16, max_iterations: i
     On a model not trained for it expect about 1.0-1.1 tokens per forward: every pass costs
     a block-wide forward, so it is usually slower than greedy.
     """
-    check_int("block_size", block_size, min_value=1)
-    if max_iterations is not None:
-        check_int("max_iterations", max_iterations, min_value=1)
-    return _decode_blocks(req, block_size, max_iterations)
+    return _decode_blocks(req, opts.block_size, opts.max_iterations)
 
 
 # ---------------------------------------------------------------------------- debug view

@@ -36,9 +36,10 @@ from decodekit.cache import ModelState, left_pad
 from decodekit.model_info import vocab_size
 from decodekit.outputs import GenerationOutput
 from decodekit.strategies.base import DecodeRequest
-from decodekit.strategies.draft_policy import DraftPolicy, make_policy
+from decodekit.strategies.draft_policy import DraftOptions, DraftPolicy, make_policy
+from decodekit.strategies.options import option
 from decodekit.strategies.verify import VerifyResult, verify
-from decodekit.validation import DecodeKitError, check_choice, check_int
+from decodekit.validation import DecodeKitError, check_int
 
 __all__ = [
     "Draft",
@@ -47,6 +48,7 @@ __all__ = [
     "speculative_loop",
     "early_exit_model",
     "resolve_drafter",
+    "SpeculativeOptions",
     "decode",
 ]
 
@@ -430,35 +432,35 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
     return ModelDrafter(drafter)
 
 
-def decode(
-    req: DecodeRequest,
-    *,
-    drafter=None,
-    gamma: int = 5,
-    draft_policy: str = "fixed",
-    gamma_min: int = 1,
-    gamma_max: int | None = None,
-    egag_ema_beta: float = 0.0,
-    first_target: bool = True,
-    skip_sample_adjustment: bool = False,
-    show_drafts: bool = False,
-) -> GenerationOutput:
+@dataclass(frozen=True)
+class SpeculativeOptions(DraftOptions):
+    """Options of strategy ``"speculative"``."""
+
+    drafter: object = option(None, "draft model: bundled name, HF dir, .gguf, a loaded model, or "
+                             "layers:N (self-speculative: the target's first N layers)", "any", parse=str)
+    first_target: bool = option(True, "the first token of a step comes from the target", bool)
+    skip_sample_adjustment: bool = option(False, "resample from p on rejection (LOSSY)", bool)
+    show_drafts: bool = option(False, "record accepted drafts and target tokens for display", bool)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.drafter is None:
+            raise DecodeKitError(
+                "strategy 'speculative' needs drafter=... (a model, a model name, or layers:N)")
+
+
+def decode(req: DecodeRequest, opts: SpeculativeOptions) -> GenerationOutput:
     """Speculative decoding with a draft model (strategy ``"speculative"``).
 
-    ``drafter``: a causal LM with the target's vocabulary, a model name/path for
+    ``opts.drafter``: a causal LM with the target's vocabulary, a model name/path for
     ``load_model``, or ``"layers:N"`` (self-speculative: the target's first N layers + its
     head, sharing weights). ``gamma`` drafts per step with ``draft_policy="fixed"``;
     ``"egag"`` / ``"cost"`` / ``"adaptive"`` choose up to ``gamma_max`` (default ``gamma``;
-    egag and cost at least ``gamma_min``); gamma and gamma_max are at most 128. ``skip_sample_adjustment=True`` resamples from p on rejection: LOSSY.
+    egag and cost at least ``gamma_min``). ``skip_sample_adjustment=True`` resamples from p on
+    rejection: LOSSY.
     """
-    policy = make_policy(draft_policy, gamma=gamma, gamma_min=gamma_min, gamma_max=gamma_max,
-                         egag_ema_beta=egag_ema_beta)
-    check_choice("first_target", first_target, [True, False])
-    check_choice("skip_sample_adjustment", skip_sample_adjustment, [True, False])
-    check_choice("show_drafts", show_drafts, [True, False])
-    if drafter is None:
-        raise DecodeKitError("strategy 'speculative' needs drafter=... (a model, a model name, or layers:N)")
-    drafter = resolve_drafter(drafter, req)
-    return speculative_loop(req, drafter, policy, first_target=first_target,
-                            skip_sample_adjustment=skip_sample_adjustment, show_drafts=show_drafts)
+    drafter = resolve_drafter(opts.drafter, req)
+    return speculative_loop(req, drafter, opts.policy(), first_target=opts.first_target,
+                            skip_sample_adjustment=opts.skip_sample_adjustment,
+                            show_drafts=opts.show_drafts)
 

@@ -1,0 +1,125 @@
+"""The batch runner every command shares (``decodekit generate``, ``decodekit refine`` and the
+seed's demo): prompts in batches with tqdm, streaming for a single prompt, each finished batch
+written at once through ``io.ResultWriter`` (resume honoured), trace printing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from decodekit.strategies import get_strategy
+
+__all__ = ["TerminalStream", "open_results", "batch_records", "generate_prompts", "print_records",
+           "format_debug"]
+
+log = logging.getLogger("decodekit")
+
+
+class TerminalStream:
+    """Prints row 0's text as its tokens arrive; a character split over several tokens is
+    printed once it is complete (``IncrementalDetokenizer``)."""
+
+    def __init__(self, tokenizer):
+        from decodekit.detok import IncrementalDetokenizer
+
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+
+    def _write(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def __call__(self, row: int, tokens: list[int]) -> None:
+        if row == 0:
+            self._write(self.detok.push(tokens))
+
+    def end(self) -> None:
+        self._write(self.detok.flush() + "\n")
+
+
+def format_debug(strategy: str, output, tokenizer) -> str | None:
+    """The strategy's trace (``--debug`` / ``--show_drafts``) as text, if it has one."""
+    formatter = get_strategy(strategy).format_trace
+    if formatter is None or not output.debug:
+        return None
+    return formatter(output.debug, tokenizer)
+
+
+def open_results(args, prompts: list[str], generate_kwargs: dict):
+    """The ``--output_file`` writer (None without one), checked before the model loads:
+    nothing is written until the first batch is done."""
+    from decodekit.io import ResultWriter
+
+    if not args.output_file:
+        return None
+    per_prompt = generate_kwargs.get("num_return_sequences") or 1
+    return ResultWriter(args.output_file, prompts, per_prompt=per_prompt, resume=args.resume,
+                        overwrite=getattr(args, "overwrite", False))
+
+
+def batch_records(indices, texts, rows, out, tokenizer, dtype: str) -> list[dict]:
+    """The results of one batch: ``per_prompt`` records a prompt (beam num_return_sequences)."""
+    from decodekit.io import make_record
+
+    per_prompt = len(out.sequences) // len(texts)
+    records = []
+    for i, (index, text) in enumerate(zip(indices, texts)):
+        for j in range(per_prompt):
+            stats = {**out.stats[i].to_dict(), "dtype": dtype}
+            record = make_record(text, rows[i], out.sequences[i * per_prompt + j], tokenizer, stats=stats,
+                                 index=index, sample_index=j if per_prompt > 1 else None)
+            if out.scores is not None:
+                record["score"] = out.scores[i * per_prompt + j]
+            records.append(record)
+    return records
+
+
+def generate_prompts(model, tokenizer, prompts, args, generate_kwargs, show_debug: bool, writer=None):
+    """Shared batch loop: tqdm over batches, results written per batch, resume honoured.
+
+    ``generate_kwargs`` are passed to ``decodekit.generate``; ``writer`` (``open_results``)
+    gives the prompts still to run and takes each batch. Returns the records of this run.
+    """
+    from tqdm import tqdm
+
+    from decodekit.api import generate
+    from decodekit.io import encode_prompts, iter_batches
+
+    todo = writer.pending() if writer is not None else list(range(len(prompts)))
+    if len(todo) < len(prompts):
+        log.warning("resume: %d of %d prompts already in %s", len(prompts) - len(todo), len(prompts), args.output_file)
+    use_chat = getattr(args, "use_chat_template", None)
+    if use_chat is None:
+        use_chat = bool(getattr(tokenizer, "chat_template", None))
+    stream = len(todo) == 1 and not getattr(args, "no_stream", False) and not show_debug
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    records = []
+    batches = list(iter_batches(todo, args.batch_size))
+    for batch in tqdm(batches, desc="batches", unit="batch", disable=len(batches) <= 1, file=sys.stderr):
+        texts = [prompts[i] for i in batch]
+        rows = encode_prompts(tokenizer, texts, use_chat,
+                              allow_special_tokens=getattr(args, "allow_special_tokens", False))
+        streamer = TerminalStream(tokenizer) if stream else None
+        out = generate(model, rows, tokenizer=tokenizer, streamer=streamer, **generate_kwargs)
+        done = batch_records(batch, texts, rows, out, tokenizer, dtype)
+        if show_debug:
+            shown = format_debug(generate_kwargs["strategy"], out, tokenizer)
+            if shown:
+                print(shown)
+        if writer is not None:
+            writer.write(done)
+        records.extend(done)
+    return records
+
+
+def print_records(records, max_display: int) -> None:
+    for record in records[:max_display]:
+        print("=" * 72)
+        print(f"PROMPT: {record['prompt']}")
+        print(f"RESPONSE: {record['response']}")
+        stats = record.get("stats")
+        if stats:
+            keys = ("new_tokens", "forward_passes", "tokens_per_s", "acceptance_rate", "mean_accepted_length")
+            print("STATS: " + ", ".join(f"{k}={stats[k]}" for k in keys if k in stats))
+    if len(records) > max_display:
+        print(f"... {len(records) - max_display} more")
