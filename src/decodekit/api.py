@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from decodekit.cache import left_pad
-from decodekit.model_info import context_length, default_eos_pad, vocab_size
+from decodekit.model_info import context_length, default_eos_pad, pad_id, vocab_size
 from decodekit.outputs import GenerationOutput, RowTracker
 from decodekit.processors import GreedyProcessor, LogitsProcessor, make_processor
 from decodekit.strategies import Strategy, build_options, get_strategy
@@ -150,10 +150,9 @@ def _make_processor(strategy: Strategy, logits_processor, knobs: dict) -> Logits
 
 def _inputs(model, input_ids, attention_mask, eos_token_id, pad_token_id, max_new_tokens):
     """Checked, left-padded ``ids, mask [B, T]``, the EOS ids and the pad id."""
-    default_eos, default_pad = default_eos_pad(model)
+    default_eos = default_eos_pad(model)[0]
     eos_ids = normalize_eos(default_eos if eos_token_id is None else eos_token_id, vocab_size(model))
-    if pad_token_id is None:
-        pad_token_id = default_pad if default_pad is not None else 0
+    pad_token_id = pad_id(model, pad_token_id)
     ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id, vocab_size(model))
     _check_room(mask.sum(-1).tolist(), max_new_tokens, context_length(model))
     return ids, mask, eos_ids, pad_token_id

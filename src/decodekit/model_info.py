@@ -6,7 +6,7 @@ adapters alike. Each reads the model object only (no tokenizer, no forward pass)
 
 from __future__ import annotations
 
-__all__ = ["vocab_size", "context_length", "default_eos_pad"]
+__all__ = ["vocab_size", "context_length", "default_eos_pad", "pad_id"]
 
 
 def _text_config(model):
@@ -37,3 +37,11 @@ def default_eos_pad(model) -> tuple[object, int | None]:
     if pad is None:
         pad = eos[0] if isinstance(eos, list) and eos else eos
     return eos, pad
+
+
+def pad_id(model, pad_token_id: int | None = None) -> int:
+    """The pad id to use: the one given, else the model's default (pad, else EOS), else 0."""
+    if pad_token_id is not None:
+        return pad_token_id
+    default = default_eos_pad(model)[1]
+    return 0 if default is None else default

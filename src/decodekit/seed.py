@@ -22,7 +22,7 @@ from torch import Tensor
 
 from decodekit.api import generate, prepare_inputs
 from decodekit.cache import ModelState
-from decodekit.model_info import default_eos_pad, vocab_size
+from decodekit.model_info import default_eos_pad, pad_id, vocab_size
 from decodekit.ngram_storage import INgramStorage
 from decodekit.processors import GreedyProcessor, LogitsProcessor
 from decodekit.strategies.beam import format_beam_trace
@@ -203,9 +203,7 @@ def iterative_generate(model, input_ids: Tensor, attention_mask: Tensor | None =
     ``refine_iter="converge"`` gives Jacobi decoding (= greedy). Lossy otherwise on a plain
     causal LM. For stats and traces use ``decodekit.generate(..., strategy="refine")``.
     """
-    if pad_token_id is None:
-        pad_token_id = default_eos_pad(model)[1]
-        pad_token_id = 0 if pad_token_id is None else pad_token_id
+    pad_token_id = pad_id(model, pad_token_id)
     ids, mask = prepare_inputs(input_ids, attention_mask, pad_token_id)
     if isinstance(max_new_tokens, int) and isinstance(max_length, int):  # the seed stops at max_length
         max_new_tokens = max(1, min(max_new_tokens, max_length - int(mask.sum(-1).max())))
