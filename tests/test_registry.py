@@ -105,3 +105,17 @@ def test_public_names_importable():
     for name in decodekit.__all__:
         assert getattr(decodekit, name) is not None, name
     assert torch.is_tensor(torch.zeros(1))
+
+
+def test_bench_entries_are_valid_strategy_options():
+    from decodekit.bench.config import DRAFTER, ENTRIES
+    from decodekit.strategies import build_options
+
+    knob_names = ("temperature", "top_k", "top_p")
+    for entry in ENTRIES:
+        values = {k: ("layers:1" if v == DRAFTER else v) for k, v in entry.options.items() if k != "seed"}
+        knobs = {k: values.pop(k) for k in knob_names if k in values}
+        build_options(entry.name, values, knobs)
+        assert entry.lossless == STRATEGIES[entry.name].lossless
+    drafting = {e.name for e in ENTRIES if e.drafts}
+    assert drafting == {"speculative", "ngram", "prompt_lookup"}

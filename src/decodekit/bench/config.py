@@ -28,31 +28,43 @@ DRAFTER = "<drafter>"  # placeholder in the table: the bench's --drafter (defaul
 @dataclass(frozen=True)
 class BenchEntry:
     """One strategy: ``decodekit.generate(strategy=name, **options)`` and, if transformers
-    has it, ``model.generate(**hf)``. ``lossless``: output must equal greedy decoding."""
+    has it, ``model.generate(**hf)``. Whether its output must equal greedy decoding
+    (``lossless``) and whether it drafts come from the strategy's registry record."""
 
     name: str
     options: dict
     hf: dict | None = None
     hf_batch1_only: bool = False  # transformers' assisted generation refuses batch > 1
-    lossless: bool = False
-    drafts: bool = False  # reports acceptance; swept over --gammas
+
+    @property
+    def lossless(self) -> bool:
+        from decodekit.strategies import STRATEGIES
+
+        return STRATEGIES[self.name].lossless
+
+    @property
+    def drafts(self) -> bool:
+        """Reports acceptance and is swept over --gammas: its options have a draft length."""
+        from decodekit.strategies import STRATEGIES
+
+        return any(name == "gamma" for name, _, _ in STRATEGIES[self.name].options.specs())
 
 
 SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.9}
 
 ENTRIES: list[BenchEntry] = [
-    BenchEntry("greedy", {}, hf={"do_sample": False}, lossless=True),
+    BenchEntry("greedy", {}, hf={"do_sample": False}),
     BenchEntry("sample", {**SAMPLING, "seed": 0}, hf={"do_sample": True, **SAMPLING}),
     BenchEntry("beam", {"num_beams": 4}, hf={"num_beams": 4, "do_sample": False}),
     BenchEntry("speculative", {"drafter": DRAFTER, "gamma": 5},
                hf={"assistant_model": DRAFTER, "num_assistant_tokens": 5, "do_sample": False},
-               hf_batch1_only=True, lossless=True, drafts=True),
-    BenchEntry("ngram", {"gamma": 5}, lossless=True, drafts=True),
+               hf_batch1_only=True),
+    BenchEntry("ngram", {"gamma": 5}),
     BenchEntry("prompt_lookup", {"gamma": 5},
                hf={"prompt_lookup_num_tokens": 5, "do_sample": False},
-               hf_batch1_only=True, lossless=True, drafts=True),
+               hf_batch1_only=True),
     BenchEntry("eis", {"top_k": 5, "lookahead_steps": 3}),
-    BenchEntry("jacobi", {"block_size": 16}, lossless=True),
+    BenchEntry("jacobi", {"block_size": 16}),
     BenchEntry("refine", {"add_eos_length": 16, "refine_iter": 2}),
 ]
 ENTRY_BY_NAME = {e.name: e for e in ENTRIES}
