@@ -11,7 +11,14 @@ from torch import Tensor
 from decodekit.cache import left_pad
 from decodekit.model_info import context_length, default_eos_pad, pad_id, vocab_size
 from decodekit.outputs import GenerationOutput, RowTracker
-from decodekit.processors import GreedyProcessor, LogitsProcessor, make_processor
+from decodekit.processors import (
+    PROCESSOR_OPTIONS,
+    GreedyProcessor,
+    LogitsPipeline,
+    LogitsProcessor,
+    check_min_new_tokens,
+    make_pipeline,
+)
 from decodekit.strategies import Strategy, build_options, get_strategy
 from decodekit.strategies.base import DecodeRequest
 from decodekit.validation import (
@@ -124,28 +131,38 @@ def _check_room(prompt_lengths: list[int], max_new_tokens: int, context: int | N
         )
 
 
-def _make_processor(strategy: Strategy, logits_processor, knobs: dict) -> LogitsProcessor:
-    """The processor a strategy samples with, from temperature / top_k / top_p or the user's."""
-    if strategy.sampling == "own":  # they are the strategy's options (EIS)
-        knobs = {}
-    given = any(v is not None for v in knobs.values())
-    if logits_processor is not None:
-        if given:
-            raise DecodeKitError("pass either logits_processor or temperature/top_k/top_p, not both")
-        return logits_processor
-    temperature = knobs.get("temperature")
-    if strategy.sampling == "none" or (strategy.sampling == "optional" and not given):
-        if given and temperature not in (None, 0):
+SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
+
+
+def _make_processor(strategy: Strategy, logits_processor, knobs: dict, eos_ids: list[int],
+                    vocab: int | None) -> LogitsPipeline:
+    """The pipeline a strategy decodes with: the history processors of ``knobs``
+    (penalties, biases...), the user's ``logits_processor``, then temperature and the filters.
+    Sampling knobs mean what the strategy's ``sampling`` mode says (``Strategy``)."""
+    sampling = {k: knobs[k] for k in SAMPLING_KNOBS if knobs.get(k) is not None}
+    history = {k: v for k, v in knobs.items() if k not in SAMPLING_KNOBS and v not in (None, False)}
+    if strategy.sampling == "own":  # EIS: temperature/top_k/top_p are its options
+        if history or logits_processor is not None or set(sampling) - {"temperature", "top_k", "top_p"}:
+            given = ", ".join([*history, *(set(sampling) - {"temperature", "top_k", "top_p"})]) or "logits_processor"
+            raise DecodeKitError(f"strategy {strategy.name!r} scores candidates with its own temperature/"
+                                 f"top_k/top_p; it does not take {given}")
+        return GreedyProcessor()
+    if logits_processor is not None and sampling:
+        raise DecodeKitError("pass either logits_processor or temperature/top_k/top_p/min_p/typical_p, not both")
+    temperature = sampling.get("temperature")
+    if strategy.sampling == "none" or (strategy.sampling == "optional" and not sampling):
+        if temperature not in (None, 0):
             hint = "; use strategy='sample'" if strategy.name == "greedy" else ""
             raise DecodeKitError(
                 f"strategy {strategy.name!r} is greedy only: it takes no temperature/top_k/top_p{hint}"
             )
-        return GreedyProcessor()
-    if strategy.sampling == "required" and temperature is None:
-        temperature = 1.0
-    if strategy.sampling == "required" and temperature == 0:
-        raise DecodeKitError("temperature must be > 0 for strategy 'sample' (0 means greedy)")
-    return make_processor(temperature, knobs.get("top_k"), knobs.get("top_p"))
+        sampling = {}
+    elif strategy.sampling == "required" and logits_processor is None:
+        if temperature == 0:
+            raise DecodeKitError("temperature must be > 0 for strategy 'sample' (0 means greedy)")
+        sampling["temperature"] = 1.0 if temperature is None else temperature
+    return make_pipeline(**sampling, **history, logits_processor=logits_processor, eos_token_id=eos_ids,
+                         vocab_size=vocab)
 
 
 def _inputs(model, input_ids, attention_mask, eos_token_id, pad_token_id, max_new_tokens):
@@ -185,7 +202,13 @@ def generate(
     lists of token ids. ``strategy`` is one of ``decodekit.STRATEGIES``; strategy-specific
     options (``num_beams``, ``drafter``, ``gamma``...) go in ``**options`` and are checked by
     the strategy's ``Options`` class. Sampling knobs: ``temperature`` (0 = greedy),
-    ``top_k``, ``top_p``, or a ``logits_processor``; ``seed`` makes sampling reproducible.
+    ``top_k``, ``top_p``, ``min_p``, ``typical_p``, or a ``logits_processor`` (decodekit's
+    or transformers' ``LogitsProcessor`` / ``LogitsProcessorList``); history processors, with
+    transformers' names, also go in ``**options``: ``repetition_penalty``,
+    ``presence_penalty`` / ``frequency_penalty`` (OpenAI semantics), ``no_repeat_ngram_size``,
+    ``logit_bias`` ({token id: bias}), ``bad_words_ids``, ``suppress_tokens``,
+    ``min_new_tokens``, ``ignore_eos``. They stay exact under every speculative strategy.
+    ``seed`` makes sampling reproducible.
     ``eos_token_id`` / ``pad_token_id`` default to the model's generation config.
     ``stop_strings``: a string or a list of non-empty strings (needs ``tokenizer``).
     ``streamer`` is ``callback(row, new_token_ids)`` or a transformers streamer. Returns a
@@ -193,13 +216,15 @@ def generate(
     """
     chosen = get_strategy(strategy)
     knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    opts = build_options(strategy, options, knobs)
-    processor = _make_processor(chosen, logits_processor, knobs)
+    opts = build_options(strategy, {k: v for k, v in options.items() if k not in PROCESSOR_OPTIONS}, knobs)
+    knobs.update({k: v for k, v in options.items() if k in PROCESSOR_OPTIONS})
     check_int("max_new_tokens", max_new_tokens, min_value=1)
+    check_min_new_tokens(knobs.get("min_new_tokens"), max_new_tokens)
     if seed is not None:
         check_int("seed", seed, min_value=0)
     ids, mask, eos_ids, pad_token_id = _inputs(model, input_ids, attention_mask, eos_token_id,
                                                 pad_token_id, max_new_tokens)
+    processor = _make_processor(chosen, logits_processor, knobs, eos_ids, vocab_size(model))
     stop_strings = check_stop_strings(stop_strings)
     if stop_strings and tokenizer is None:
         raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from decodekit.cache import ModelState
+from decodekit.cache import ModelState, left_pad
 from decodekit.outputs import RowTracker
-from decodekit.processors import LogitsProcessor
+from decodekit.processors import LogitsPipeline
 
 
 @dataclass
@@ -18,7 +18,7 @@ class DecodeRequest:
     model: Any  # a transformers causal LM
     input_ids: Tensor  # [B, T] left padded
     attention_mask: Tensor  # [B, T]
-    processor: LogitsProcessor
+    processor: LogitsPipeline
     tracker: RowTracker
     max_new_tokens: int
     eos_token_ids: list[int] = field(default_factory=list)
@@ -32,11 +32,37 @@ class DecodeRequest:
         """The real prompt tokens of each row (left padding removed)."""
         return [row[m.bool()].tolist() for row, m in zip(self.input_ids.cpu(), self.attention_mask.cpu())]
 
-    def sample(self, logits: Tensor) -> Tensor:
-        """``[B, V]`` (or ``[B, T, V]``) logits -> sampled/argmax token ids ``[B]`` (``[B, T]``)."""
-        if self.processor.is_greedy:
+    def histories(self) -> list[list[int]]:
+        """Each active row's history (tracker order): its prompt + the tokens emitted so far."""
+        if getattr(self, "_prompts", None) is None:
+            self._prompts = self.prompt_rows()
+        return [self._prompts[r] + self.tracker.tokens[r] for r in self.tracker.active]
+
+    def scores(self, logits: Tensor, rows: list[list[int]] | None = None) -> Tensor:
+        """``[B, V]`` or ``[B, K, V]`` logits of the active rows -> the processor's float32
+        scores (``log_softmax`` of them: the log-probabilities of the final distribution).
+
+        ``rows[b]``: the history the LAST position follows (default ``histories()``); position
+        ``j`` of ``K`` follows its first ``len - K + 1 + j`` tokens, so a verify forward's
+        draft positions see the drafts before them. Built only for history processors."""
+        proc = self.processor
+        if not proc.needs_history:
+            return proc.process_logits(None, logits)
+        rows = self.histories() if rows is None else rows
+        ids, mask = left_pad(rows, self.pad_token_id)  # [B, T]
+        pads = (mask == 0).sum(-1)  # [B] left padding of each row
+        prompt = torch.tensor([self.tracker.stats[r].prompt_tokens for r in self.tracker.active])
+        return proc.process_logits(ids.to(logits.device), logits, pads + prompt, pads)
+
+    def probs(self, logits: Tensor, rows: list[list[int]] | None = None) -> Tensor:
+        """Processed probabilities (one-hot argmax when greedy) of ``scores``."""
+        return self.processor.distribution(self.scores(logits, rows))
+
+    def sample(self, logits: Tensor, rows: list[list[int]] | None = None) -> Tensor:
+        """``[B, V]`` logits -> sampled/argmax token ids ``[B]`` (``[B, K, V]`` -> ``[B, K]``)."""
+        if self.processor.is_greedy and not self.processor.needs_history:
             return logits.argmax(dim=-1)
-        return self.processor.sample(self.processor(logits), generator=self.generator)
+        return self.processor.sample(self.probs(logits, rows), generator=self.generator)
 
 
 def drop_finished(

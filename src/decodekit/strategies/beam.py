@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from decodekit.cache import ModelState
+from decodekit.cache import ModelState, left_pad
 from decodekit.processors import top_k_filtering
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.options import Options, option, parse_bool_or
@@ -125,16 +125,27 @@ class BeamOptions(Options):
 
 
 # ---------------------------------------------------------------------------- one step
-def expansion_log_probs(req: DecodeRequest, logits: Tensor, top_k: int | None) -> Tensor:
+def expansion_log_probs(req: DecodeRequest, logits: Tensor, top_k: int | None,
+                        prompts: list[list[int]] | None = None, tokens: Tensor | None = None) -> Tensor:
     """``[R, V]`` logits -> log-probs of every expansion ``[R, V]`` (-inf where excluded).
 
     A sampling processor (temperature, top-k/top-p) reshapes the distribution the beams
-    are scored with; ``top_k`` keeps only each beam's ``top_k`` best tokens.
+    are scored with; ``top_k`` keeps only each beam's ``top_k`` best tokens. History
+    processors (penalties...) see each beam's sequence, ``prompts[r]`` + ``tokens [R, L]``,
+    and, as in transformers' beam search, process the log-softmax of the logits.
     """
-    if req.processor.is_greedy:
+    proc = req.processor
+    if proc.needs_history:
+        ids, mask = left_pad([p + t for p, t in zip(prompts, tokens.tolist())], req.pad_token_id)  # [R, T]
+        pads = (mask == 0).sum(-1)  # [R]
+        starts = pads + torch.tensor([len(p) for p in prompts])  # [R] where generation begins
+        scores = proc.process_logits(ids.to(logits.device), torch.log_softmax(logits.float(), dim=-1),
+                                     starts, pads)
+        log_probs = scores if proc.is_greedy else torch.log_softmax(scores, dim=-1)
+    elif proc.is_greedy:
         log_probs = torch.log_softmax(logits.float(), dim=-1)
     else:
-        log_probs = torch.log(req.processor(logits))
+        log_probs = torch.log(proc(logits))
     return log_probs if top_k is None else top_k_filtering(log_probs, top_k)
 
 
@@ -215,6 +226,8 @@ def decode(req: DecodeRequest, opts: BeamOptions):
     """Beam search over a batch of prompts; returns ``num_return_sequences`` sequences per
     prompt (prompt-major) with their scores, and one ``RequestStats`` per prompt."""
     penalty, num_beams, early_stopping = opts.penalty(), opts.num_beams, opts.early_stopping
+    history = req.processor.needs_history
+    prompts = req.prompt_rows() if history else None
     tracker = req.tracker
     width = max(2, 1 + len(req.eos_token_ids)) * num_beams
     state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)
@@ -228,7 +241,9 @@ def decode(req: DecodeRequest, opts: BeamOptions):
 
     for step in range(req.max_new_tokens):
         tracker.count_forwards(state, rows=live)  # the last forward: every live prompt's beams
-        log_probs = expansion_log_probs(req, logits[:, -1], opts.expansion_top_k)  # [n*b, V]
+        beams = tokens.shape[0] // len(live)
+        beam_prompts = [prompts[live[r // beams]] for r in range(tokens.shape[0])] if history else None
+        log_probs = expansion_log_probs(req, logits[:, -1], opts.expansion_top_k, beam_prompts, tokens)
         cand = top_candidates(log_probs, scores, tokens, width)
         ended = ends_hypothesis(req, cand)
         live_hyps = [hyps[p] for p in live]

@@ -43,7 +43,6 @@ import torch
 from torch import Tensor
 
 from decodekit.cache import ModelState
-from decodekit.processors import GreedyProcessor
 from decodekit.strategies.base import DecodeRequest, drop_finished
 from decodekit.strategies.options import Options, option, parse_int_or
 from decodekit.strategies.verify import verify
@@ -120,9 +119,12 @@ def _guess_tensor(rows: list[_RowBlock], width: int, device) -> Tensor:
     return out
 
 
-def _refine_pass(state: ModelState, rows: list[_RowBlock], filler: int) -> tuple[Tensor, Tensor, int]:
+def _refine_pass(req: DecodeRequest, state: ModelState, rows: list[_RowBlock],
+                 filler: int) -> tuple[Tensor, Tensor, int]:
     """Run one pass; returns the new iterates ``[B, M]`` (row ``b``'s open positions first),
-    ``accepted [B]`` (the leading fed guesses the model confirmed) and the columns fed."""
+    ``accepted [B]`` (the leading fed guesses the model confirmed) and the columns fed. Block
+    position ``j`` is processed with the history ending in guesses ``0..j-1`` (exact under
+    history processors such as repetition_penalty)."""
     ids = _pass_inputs(rows, filler)  # [B, W]
     fed = ids.shape[1]
     device = state.ids.device
@@ -132,8 +134,12 @@ def _refine_pass(state: ModelState, rows: list[_RowBlock], filler: int) -> tuple
     logits = state.extend(ids, logits_to_keep=keep)  # [B, K, V]
     window = _block_window(logits, first - (fed - keep))[:, : int(open_.max())]  # [B, M, V]
     drafts = _guess_tensor(rows, window.shape[1] - 1, device)  # [B, M-1]
-    result = verify(GreedyProcessor()(window), drafts, open_ - 1, greedy=True)
-    return window.argmax(dim=-1), result.accepted, fed
+    histories = None
+    if req.processor.needs_history:
+        histories = [h + d for h, d in zip(req.histories(), drafts.clamp_min(0).tolist())]
+    p = req.probs(window, histories)  # [B, M, V] one-hot (greedy)
+    result = verify(p, drafts, open_ - 1, greedy=True)
+    return p.argmax(dim=-1), result.accepted, fed
 
 
 def _advance(r: _RowBlock, iterate: list[int], accepted: int, max_iterations: int | None,
@@ -222,7 +228,7 @@ def _decode_blocks(req: DecodeRequest, block_size: int, max_iterations: int | No
     state = ModelState.empty(req.model, n_rows, use_cache=req.use_cache)
     finished_rows: dict[int, dict] = {}
     while not tracker.done:
-        iterate, accepted, fed = _refine_pass(state, rows, req.pad_token_id)  # 1
+        iterate, accepted, fed = _refine_pass(req, state, rows, req.pad_token_id)  # 1
         if max_iterations is None:  # exact: acceptance stats count the confirmed guesses
             tracker.record_verify([len(r.guesses) - 1 for r in rows], accepted.tolist())
         new_tokens, forget, exact_tokens = _advance_rows(req, rows, iterate, accepted, fed, max_iterations,

@@ -175,7 +175,8 @@ def _start(run: _Run, first_target: bool) -> None:
     if first_target:
         run.state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask,
                                                use_cache=req.use_cache)
-        run.last = req.sample(logits[:, -1])  # [B]
+        run.scores = req.scores(logits[:, -1])  # [B, V]
+        run.last = req.processor.sample(req.processor.distribution(run.scores), generator=req.generator)
         return
     ids, mask = req.input_ids, req.attention_mask
     run.state = prefill_context(req.model, ids[:, :-1], mask[:, :-1], req.use_cache)
@@ -188,15 +189,21 @@ def _cap(draft: Draft, limits: Tensor) -> Draft:
     return replace(draft, drafted=drafted)
 
 
-def _target_probs(run: _Run, draft: Draft) -> Tensor:
-    """ONE target forward over ``[last, drafts]`` -> ``p [B, k+1, V]`` (processed)."""
+def _target_scores(run: _Run, draft: Draft) -> Tensor:
+    """ONE target forward over ``[last, drafts]`` -> processed scores ``[B, k+1, V]``:
+    position ``j`` is processed with the history that includes drafts ``0..j-1``, so history
+    processors (penalties...) stay exact under speculation."""
     state = run.state
     k = draft.k
     device = state.ids.device
-    tokens = torch.cat([run.last[:, None].to(device), draft.tokens.to(device).clamp_min(0)], dim=1)
+    drafts = draft.tokens.to(device).clamp_min(0)  # [B, k]
+    tokens = torch.cat([run.last[:, None].to(device), drafts], dim=1)
     real = torch.arange(k + 1, device=device)[None, :] <= draft.drafted.to(device)[:, None]  # [B, k+1]
     logits = state.extend(tokens, token_mask=real.long())  # [B, k+1, V]
-    return run.req.processor(logits)
+    histories = None
+    if run.req.processor.needs_history:
+        histories = [row + d for row, d in zip(run.rows, drafts.tolist())]
+    return run.req.scores(logits, histories)
 
 
 def _emitted(draft: Draft, result: VerifyResult) -> tuple[list[list[int]], list[list[str]]]:
@@ -229,7 +236,8 @@ def _draft(run: _Run) -> Draft:
 def _step(run: _Run, skip_sample_adjustment: bool) -> None:
     req = run.req
     draft = _draft(run)  # 1-2
-    p = _target_probs(run, draft)  # 3: [B, k+1, V]
+    scores = _target_scores(run, draft)  # 3: [B, k+1, V]
+    p = req.processor.distribution(scores)  # [B, k+1, V]
     result = verify(p, draft.tokens.to(p.device), draft.drafted, draft.q,  # 4
                     greedy=req.processor.is_greedy, generator=req.generator,
                     skip_sample_adjustment=skip_sample_adjustment)
@@ -322,10 +330,11 @@ class ModelDrafter(Drafter):
         self.seen = [len(r) for r in rows]
         return self._first
 
-    def _draw(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, V]`` logits -> ``q [B, V]`` (processed like p) and a draft ``[B]`` from it."""
+    def _draw(self, logits: Tensor, rows: list[list[int]] | None) -> tuple[Tensor, Tensor]:
+        """``[B, V]`` logits -> ``q [B, V]`` (processed like p, with the same history ``rows``)
+        and a draft ``[B]`` from it."""
         proc = self.req.processor
-        q = proc(logits)
+        q = self.req.probs(logits, rows)
         if proc.is_greedy:
             return q, q.argmax(-1)
         return q, proc.sample(q, generator=self.req.generator)
@@ -334,8 +343,10 @@ class ModelDrafter(Drafter):
         logits = self.first_logits(rows)
         self._first = None
         qs, tokens = [], []
+        history = self.req.processor.needs_history
         for i in range(k):
-            q, x = self._draw(logits)  # [B, V], [B]
+            seen = [r + d for r, d in zip(rows, torch.stack(tokens, 1).tolist())] if history and i else rows
+            q, x = self._draw(logits, seen if history else None)  # [B, V], [B]
             qs.append(q)
             tokens.append(x)
             if i < k - 1:
