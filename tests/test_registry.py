@@ -86,7 +86,7 @@ def test_cli_validates_strategy_options_before_loading(monkeypatch, tmp_path, ca
     monkeypatch.setattr("decodekit.models.load_model", lambda *a, **k: pytest.fail("model loaded"))
     assert main(["generate", "--prompt", "hi", "--strategy", "ngram", "--gamma", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "decodekit: error: gamma must be >= 1, got 0"
+    assert err == "decodekit: error: gamma must be >= 1 and <= 128, got 0"
     assert not (tmp_path / "empty-cache").exists()  # nothing converted or cached
     with pytest.raises(SystemExit) as exc:  # argparse: one line, exit 2
         main(["generate", "--prompt", "hi", "--strategy", "beam", "--early_stopping", "maybe"])

@@ -85,12 +85,14 @@ class Spec:
         elif self.kind is bool:
             if not isinstance(value, bool):
                 raise DecodeKitError(f"{name} must be True or False, got {value!r}")
-        elif self.kind is int:
-            check_int(name, value, min_value=self.min, max_value=self.max)
-        elif self.kind is float:
-            check_float(name, value, min_value=self.min, max_value=self.max)
-            if math.isinf(value):
+        elif self.kind in (int, float):
+            (check_int if self.kind is int else check_float)(name, value)
+            if self.kind is float and math.isinf(value):
                 raise DecodeKitError(f"{name} must be a finite number, got {value}")
+            low, high = self.min, self.max
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = " and ".join(b for b in (low is not None and f">= {low}", high is not None and f"<= {high}") if b)
+                raise DecodeKitError(f"{name} must be {bounds}, got {value}")
 
     def describe(self) -> str:
         """``int >= 1``, ``one of: a, b`` ...: the allowed values, for help text."""
