@@ -50,7 +50,7 @@ def _one_error_line(capsys, prefix: str = "decodekit: error:") -> str:
         (["--stop_strings", ""], "stop_strings must be non-empty"),
         (["--strategy", "speculative", "--drafter", "nonsense"], "^decodekit: error: drafter 'nonsense'"),
         (["--strategy", "speculative", "--drafter", "{tmp}/x.gguf"], "drafter .*not a GGUF file"),
-        (["--dtype", "int8"], "dtype"),
+        (["--dtype", "int2"], "dtype must be one of .*'int8', 'int4'; got 'int2'"),
     ],
 )
 def test_bad_input_is_one_line_before_any_load(capsys, no_model_load, bad_models, argv, match):

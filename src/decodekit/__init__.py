@@ -5,7 +5,7 @@ from decodekit.cache import ModelState, left_pad, prune_cache
 from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
 from decodekit.io import encode_prompts, load_prompts
 from decodekit.model_info import context_length, default_eos_pad, vocab_size
-from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, check_model_spec, load_model
+from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, DTYPES, check_model_spec, load_model
 from decodekit.ngram_storage import INgramStorage, NGramStorage, OneLevelNGramStorage
 from decodekit.outputs import GenerationOutput, RequestStats, RowTracker
 from decodekit.processors import (
@@ -38,6 +38,7 @@ from decodekit.processors import (
     top_p_filtering,
 )
 from decodekit.quality import continuation_loglik, distinct_n, exact_match, normalize_answer
+from decodekit.quant import QuantLinear, quantize_model
 from decodekit.seed import (
     ExtendedInferenceSampler,
     autoregressive_generate,
@@ -69,6 +70,9 @@ __all__ = [
     "check_model_spec",
     "BUNDLED_MODELS",
     "DEFAULT_MODEL",
+    "DTYPES",
+    "QuantLinear",
+    "quantize_model",
     "vocab_size",
     "context_length",
     "default_eos_pad",

@@ -84,6 +84,7 @@ def generate_prompts(model, tokenizer, prompts, args, generate_kwargs, show_debu
 
     from decodekit.api import generate
     from decodekit.io import encode_prompts, iter_batches
+    from decodekit.quant import quant_scheme
 
     todo = writer.pending() if writer is not None else list(range(len(prompts)))
     if len(todo) < len(prompts):
@@ -92,7 +93,7 @@ def generate_prompts(model, tokenizer, prompts, args, generate_kwargs, show_debu
     if use_chat is None:
         use_chat = bool(getattr(tokenizer, "chat_template", None))
     stream = len(todo) == 1 and not getattr(args, "no_stream", False) and not show_debug
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = quant_scheme(model) or str(next(model.parameters()).dtype).removeprefix("torch.")
     records = []
     batches = list(iter_batches(todo, args.batch_size))
     for batch in tqdm(batches, desc="batches", unit="batch", disable=len(batches) <= 1, file=sys.stderr):

@@ -20,7 +20,7 @@ import torch
 
 from decodekit.validation import DecodeKitError, check_choice
 
-__all__ = ["load_model", "check_model_spec", "BUNDLED_MODELS", "DEFAULT_MODEL", "cache_dir", "resolve_device"]
+__all__ = ["load_model", "check_model_spec", "BUNDLED_MODELS", "DEFAULT_MODEL", "DTYPES", "cache_dir", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # decodes 1.4x faster than float32 at batch 1 and ~2x at batch 8 (half the bytes to read, and
 # bf16 matmuls stay flat from 1 to 8 rows). float32 stays available for bit-exact checks.
 DEFAULT_DTYPE = "bfloat16"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight-only quantized Linear layers (decodekit.quant, CPU): quantized from the float32
+# weights, activations in bfloat16. README "Quantized weights" has the speed and quality.
+QUANT_DTYPES = ("int8", "int4")
+DTYPES = [*FLOAT_DTYPES, *QUANT_DTYPES]
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,27 @@ def _first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _skeleton(folder: Path, trust_remote_code: bool):
+    """The model built from its config alone on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> tuple[torch.dtype, str | None]:
+    """``(dtype the weights load in, quantization scheme or None)``."""
+    if dtype is None:
+        dtype = DEFAULT_DTYPE
+    if not isinstance(dtype, str):
+        return dtype, None
+    check_choice("dtype", dtype, DTYPES)
+    if dtype in QUANT_DTYPES:
+        return torch.float32, dtype  # quantized from the float32 weights
+    return FLOAT_DTYPES[dtype], None
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -194,29 +219,36 @@ def load_model(
 
     ``spec``: None or ``"smollm2-135m-instruct"`` (the bundled default), ``"gemma-3-270m"``,
     a local model directory, or a ``.gguf`` file. ``dtype``: ``"bfloat16"`` (default, the
-    faster one on CPU in our benchmark) or ``"float32"``. ``device``: cpu | cuda | auto.
+    faster float on CPU in our benchmark), ``"float32"``, ``"float16"``, or weight-only
+    quantized ``"int8"`` / ``"int4"`` (CPU; Linear weights quantized from float32,
+    activations in bfloat16, see ``decodekit.quant``). ``device``: cpu | cuda | auto.
     The tokenizer pads on the left, with EOS as pad token when it has none. ``param`` is
     the parameter named in errors (``"drafter"`` when loading a draft model).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from decodekit import quant
+
     hf_logging.disable_progress_bar()
-    if dtype is None:
-        dtype = DEFAULT_DTYPE
-    if isinstance(dtype, str):
-        check_choice("dtype", dtype, DTYPES)
-        dtype = DTYPES[dtype]
+    load_dtype, scheme = _resolve_dtype(dtype)
     torch_device = resolve_device(device)
+    if scheme:
+        quant.check_quant(scheme, torch_device)
     try:
         folder = _local_dir(spec, param)
+        if scheme:  # shapes the kernel cannot take fail here, before the weights load
+            skeleton = _skeleton(folder, trust_remote_code)
+            quant.check_quant(scheme, torch_device, quant.linear_plan(skeleton, scheme))
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=load_dtype, trust_remote_code=trust_remote_code)
     except DecodeKitError:
         raise
     except (OSError, ValueError, KeyError) as exc:  # files transformers cannot read
         raise DecodeKitError(f"{param} {spec or DEFAULT_MODEL!r} could not be loaded: {_first_line(exc)}") from exc
     model.to(torch_device).eval()
+    if scheme:
+        quant.quantize_model(model, scheme, quant.ACTIVATIONS)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -12,7 +12,13 @@ import torch
 
 from decodekit.bench.card import format_card, machine_card
 from decodekit.bench.checks import check_identity, score_quality
-from decodekit.bench.config import PRESETS, SUITE_CHOICES, BenchConfig, resolve_config
+from decodekit.bench.config import (
+    DTYPE_CHOICES,
+    PRESETS,
+    SUITE_CHOICES,
+    BenchConfig,
+    resolve_config,
+)
 from decodekit.bench.report import summarize, write_outputs
 from decodekit.bench.runners import (
     Context,
@@ -38,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("suite", default=None, help=f"one of {', '.join(SUITE_CHOICES)} (default all)")
     flag("num_prompts", type=int, default=None, help="prompts taken from each suite (default 2)")
     flag("batch_sizes", default=None, help="comma list (default 1,4)")
-    flag("dtypes", default=None, help="comma list of float32, bfloat16 (default float32)")
+    flag("dtypes", default=None, help=f"comma list of {', '.join(DTYPE_CHOICES)} (default float32; "
+                                       "quality is scored under the first)")
     flag("trials", type=int, default=None, help="interleaved trials (default 3)")
     flag("max_new_tokens", type=int, default=None, help="default 32")
     flag("gammas", default=None, help="draft lengths swept at batch 1 (default 2,8; '' = none)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from decodekit.models import DTYPES
 from decodekit.validation import DecodeKitError, check_choice, check_int
 
 __all__ = ["BenchEntry", "ENTRIES", "PRESETS", "SUITES", "BenchConfig", "resolve_config", "load_suite"]
@@ -71,7 +72,7 @@ ENTRY_BY_NAME = {e.name: e for e in ENTRIES}
 
 SUITES = {"chat": "chat.jsonl", "grounded": "grounded.jsonl", "qa": "qa.jsonl"}
 SUITE_CHOICES = [*SUITES, "all"]
-DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
+DTYPE_CHOICES = list(DTYPES)  # float32, bfloat16, float16, int8, int4 (weight-only, CPU)
 
 # Settings a preset changes; anything given on the command line wins.
 DEFAULTS = dict(strategies=None, suite="all", num_prompts=2, batch_sizes="1,4", dtypes="float32",
