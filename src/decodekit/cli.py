@@ -104,6 +104,58 @@ def add_strategy_flags(parser, taken: set[str]) -> None:
             taken.add(name)
 
 
+def _token_bias(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition(":")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be TOKEN_ID:BIAS, got {text!r}") from None
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated token ids, got {text!r}") from None
+
+
+# name -> (argparse settings, help): transformers' / OpenAI's names and meanings.
+PROCESSOR_FLAGS = {
+    "min_p": (dict(type=float), "keep tokens with p >= min_p * p_max (sampling)"),
+    "typical_p": (dict(type=float), "locally typical sampling mass"),
+    "repetition_penalty": (dict(type=float), "> 1 discourages tokens already in prompt or output"),
+    "presence_penalty": (dict(type=float), "OpenAI: subtract this once from every generated token's logit"),
+    "frequency_penalty": (dict(type=float), "OpenAI: subtract this times the token's count in the output"),
+    "no_repeat_ngram_size": (dict(type=int), "never repeat an n-gram of this size"),
+    "logit_bias": (dict(type=_token_bias, action="append"), "TOKEN_ID:BIAS added to a logit (repeatable)"),
+    "bad_words_ids": (dict(type=_token_ids, action="append"), "comma-separated ids never generated in a row (repeatable)"),
+    "suppress_tokens": (dict(type=_token_ids), "comma-separated ids never generated"),
+    "min_new_tokens": (dict(type=int), "no EOS before this many new tokens"),
+    "ignore_eos": (dict(action="store_const", const=True), "never stop at EOS (generate max_new_tokens)"),
+}
+
+
+def add_processor_flags(parser) -> None:
+    """Logits processors with transformers' names; exact under every speculative strategy."""
+    group = parser.add_argument_group("logits processors (exact under speculation)")
+    for name, (kwargs, help_text) in PROCESSOR_FLAGS.items():
+        add_flag(group, name, default=None, help=help_text, **kwargs)
+
+
+def _processor_options(args) -> dict:
+    """The processor flags the user set, as ``generate`` keyword options (checked here, before
+    the model loads; token ids against the vocabulary once it is known)."""
+    from decodekit.processors import check_min_new_tokens, check_processor_options
+
+    options = {name: getattr(args, name, None) for name in PROCESSOR_FLAGS}
+    options = {k: v for k, v in options.items() if v is not None}
+    if "logit_bias" in options:
+        options["logit_bias"] = dict(options["logit_bias"])
+    check_processor_options(options)
+    check_min_new_tokens(options.get("min_new_tokens"), args.max_new_tokens)
+    return options
+
+
 def build_generate_parser(sub) -> argparse.ArgumentParser:
     from decodekit.strategies import STRATEGIES
 
@@ -116,6 +168,7 @@ def build_generate_parser(sub) -> argparse.ArgumentParser:
     add_flag(p, "temperature", type=float, default=None, help="0 = greedy")
     add_flag(p, "top_k", type=int, default=None)
     add_flag(p, "top_p", type=float, default=None)
+    add_processor_flags(p)
     add_flag(p, "seed", type=int, default=None)
     add_flag(p, "stop_strings", action="append", default=None, help="stop when this text appears")
     chat = p.add_mutually_exclusive_group()
@@ -127,6 +180,9 @@ def build_generate_parser(sub) -> argparse.ArgumentParser:
     add_flag(p, "allow_special_tokens", action="store_true",
              help="let special-token text in a prompt (e.g. <|im_end|>) become special tokens "
                   "(default: tokenized as plain text, so a prompt cannot forge chat turns)")
+    from decodekit.ray import add_engine_flags
+
+    add_engine_flags(p)
     add_strategy_flags(p, {a.dest for a in p._actions})
     p.set_defaults(func=run_generate)
     return p
@@ -201,16 +257,24 @@ def run_generate(args) -> int:
     from decodekit.batch_runner import generate_prompts, open_results, print_records
     from decodekit.io import load_prompts
     from decodekit.models import load_model
+    from decodekit.ray import engine_from_args, run_ray
 
     _validate_generate_args(args)
     prompts = load_prompts(args.prompt, args.prompts_file)
     options = _strategy_options(args)
+    engine = engine_from_args(args)  # None: this process; Ray checked before anything starts
     kwargs = dict(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop_strings,
-                  debug=args.debug, **options)
+                  debug=args.debug, **_processor_options(args), **options)
     writer = open_results(args, prompts, kwargs)
     if writer is not None and not writer.pending():
         print(f"all {len(prompts)} prompts already have results in {args.output_file}", file=sys.stderr)
+        return 0
+    if engine is not None:
+        print_records(run_ray(args, prompts, kwargs, writer, engine), args.max_display)
+        if args.output_file:
+            print(f"results written to {args.output_file} (in completion order; 'index' is each "
+                  "prompt's place)", file=sys.stderr)
         return 0
     model, tokenizer = load_model(args.model_path, dtype=args.dtype, device=args.device,
                                   trust_remote_code=args.trust_remote_code)
