@@ -237,7 +237,7 @@ def load_model(
         quant.check_quant(scheme, torch_device)
     try:
         folder = _local_dir(spec, param)
-        if scheme:  # shapes the kernel cannot take fail here, before the weights load
+        if scheme == "int4":  # shapes the kernel cannot take fail here, before the weights load
             skeleton = _skeleton(folder, trust_remote_code)
             quant.check_quant(scheme, torch_device, quant.linear_plan(skeleton, scheme))
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

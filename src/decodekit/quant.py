@@ -56,22 +56,21 @@ def linear_plan(model: nn.Module, scheme: str) -> list[tuple[str, nn.Linear, str
 
 def _quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [N, K] float -> (q [N, K] int8, scale [N] in ``dtype``)."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(dtype)  # [N], rounded first
-    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
-    return q, scale
+    lo, hi = torch.aminmax(weight, dim=1)  # [N]
+    scale = (torch.maximum(-lo, hi).float() / 127).clamp(min=1e-12).to(dtype)  # [N], rounded first
+    q = torch.div(weight.float(), scale.float()[:, None]).round_().clamp_(-127, 127)  # [N, K]
+    return q.to(torch.int8), scale
 
 
 def _quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [N, K] float -> (packed [N, K/2] uint8, scales_and_zeros [K/32, N, 2] in ``dtype``)."""
     n, k = weight.shape
     w = weight.float().reshape(n, k // GROUP, GROUP)  # [N, G, 32]
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [N, G]
+    lo, hi = torch.aminmax(w, dim=-1)  # [N, G]
     scale = ((hi - lo) / 15).clamp(min=1e-12).to(dtype).float()  # [N, G], rounded to the kernel's dtype
     zero = (lo + 8 * scale).to(dtype).float()  # [N, G]: the value of code 8
-    q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)  # [N, G, 32]
-    q = q.reshape(n, k).to(torch.int32)  # [N, K]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K/2] uint8
+    q = torch.sub(w, zero[..., None]).div_(scale[..., None]).add_(8).round_().clamp_(0, 15)  # [N, G, 32]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k).to(torch.int32), 1)  # [N, K/2]
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [G, N, 2]
     return packed, scales_and_zeros
 
@@ -122,6 +121,7 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
 
+@torch.no_grad()
 def quantize_model(model: nn.Module, scheme: str, activations: torch.dtype | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a ``QuantLinear`` (the LM head
     int8 under int4); quantize
