@@ -17,6 +17,7 @@ from decodekit.processors import (
     LogitsPipeline,
     LogitsProcessor,
     check_min_new_tokens,
+    check_processor_options,
     make_pipeline,
 )
 from decodekit.strategies import Strategy, build_options, get_strategy
@@ -139,8 +140,9 @@ def _make_processor(strategy: Strategy, logits_processor, knobs: dict, eos_ids: 
     """The pipeline a strategy decodes with: the history processors of ``knobs``
     (penalties, biases...), the user's ``logits_processor``, then temperature and the filters.
     Sampling knobs mean what the strategy's ``sampling`` mode says (``Strategy``)."""
+    check_processor_options(knobs, vocab)  # every knob, even one this strategy will not use
     sampling = {k: knobs[k] for k in SAMPLING_KNOBS if knobs.get(k) is not None}
-    history = {k: v for k, v in knobs.items() if k not in SAMPLING_KNOBS and v not in (None, False)}
+    history = {k: v for k, v in knobs.items() if k not in SAMPLING_KNOBS and v is not None and v is not False}
     if strategy.sampling == "own":  # EIS: temperature/top_k/top_p are its options
         if history or logits_processor is not None or set(sampling) - {"temperature", "top_k", "top_p"}:
             given = ", ".join([*history, *(set(sampling) - {"temperature", "top_k", "top_p"})]) or "logits_processor"
@@ -163,6 +165,17 @@ def _make_processor(strategy: Strategy, logits_processor, knobs: dict, eos_ids: 
         sampling["temperature"] = 1.0 if temperature is None else temperature
     return make_pipeline(**sampling, **history, logits_processor=logits_processor, eos_token_id=eos_ids,
                          vocab_size=vocab)
+
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+
+
+def _check_logprobs(strategy: Strategy, logprobs) -> None:
+    if logprobs is None:
+        return
+    check_int("logprobs", logprobs, min_value=0, max_value=MAX_LOGPROBS)
+    if not strategy.logprobs:
+        raise DecodeKitError(f"logprobs is not available with strategy {strategy.name!r}")
 
 
 def _inputs(model, input_ids, attention_mask, eos_token_id, pad_token_id, max_new_tokens):
@@ -190,6 +203,7 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     stop_strings: str | Sequence[str] | None = None,
+    logprobs: int | None = None,
     tokenizer=None,
     streamer=None,
     use_cache: bool = True,
@@ -208,7 +222,9 @@ def generate(
     ``presence_penalty`` / ``frequency_penalty`` (OpenAI semantics), ``no_repeat_ngram_size``,
     ``logit_bias`` ({token id: bias}), ``bad_words_ids``, ``suppress_tokens``,
     ``min_new_tokens``, ``ignore_eos``. They stay exact under every speculative strategy.
-    ``seed`` makes sampling reproducible.
+    ``seed`` makes sampling reproducible. ``logprobs=N`` (0..20) fills ``output.logprobs``:
+    each generated token's log-probability under the final processed distribution (under
+    speculation, the target's, never the drafter's) and the ``N`` most likely alternatives.
     ``eos_token_id`` / ``pad_token_id`` default to the model's generation config.
     ``stop_strings``: a string or a list of non-empty strings (needs ``tokenizer``).
     ``streamer`` is ``callback(row, new_token_ids)`` or a transformers streamer. Returns a
@@ -222,6 +238,7 @@ def generate(
     check_min_new_tokens(knobs.get("min_new_tokens"), max_new_tokens)
     if seed is not None:
         check_int("seed", seed, min_value=0)
+    _check_logprobs(chosen, logprobs)
     ids, mask, eos_ids, pad_token_id = _inputs(model, input_ids, attention_mask, eos_token_id,
                                                 pad_token_id, max_new_tokens)
     processor = _make_processor(chosen, logits_processor, knobs, eos_ids, vocab_size(model))
@@ -231,6 +248,7 @@ def generate(
     generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
     tracker = RowTracker(mask.sum(-1).tolist(), max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
                          stop_strings=stop_strings, tokenizer=tokenizer, streamer=streamer)
+    tracker.logprobs_n = logprobs
     request = DecodeRequest(
         model=model, input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
         processor=processor, tracker=tracker, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,

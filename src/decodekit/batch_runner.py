@@ -10,8 +10,8 @@ import sys
 
 from decodekit.strategies import get_strategy
 
-__all__ = ["TerminalStream", "open_results", "batch_records", "generate_prompts", "print_records",
-           "format_debug"]
+__all__ = ["TerminalStream", "open_results", "batch_records", "decode_batch", "chat_template_on",
+           "model_dtype", "generate_prompts", "print_records", "format_debug"]
 
 log = logging.getLogger("decodekit")
 
@@ -70,8 +70,39 @@ def batch_records(indices, texts, rows, out, tokenizer, dtype: str) -> list[dict
                                  index=index, sample_index=j if per_prompt > 1 else None)
             if out.scores is not None:
                 record["score"] = out.scores[i * per_prompt + j]
+            if out.logprobs is not None:
+                record["logprobs"] = out.logprobs[i * per_prompt + j]
             records.append(record)
     return records
+
+
+def chat_template_on(tokenizer, use_chat_template: bool | None) -> bool:
+    """``--use_chat_template`` / ``--no_chat_template``, else whether the tokenizer has one."""
+    if use_chat_template is None:
+        return bool(getattr(tokenizer, "chat_template", None))
+    return use_chat_template
+
+
+def model_dtype(model) -> str:
+    """``"float32"``, ``"bfloat16"``, ``"int8"``...: the ``stats.dtype`` of every record."""
+    from decodekit.quant import quant_scheme
+
+    return quant_scheme(model) or str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def decode_batch(model, tokenizer, indices, texts, generate_kwargs, encoding: tuple[bool, bool],
+                 streamer=None):
+    """One batch of prompts through ``decodekit.generate``: ``(records, output)``.
+
+    ``encoding``: (use the chat template, allow special tokens). The single-process loop and
+    the Ray workers (``decodekit.ray``) both decode with this, so their records are the same."""
+    from decodekit.api import generate
+    from decodekit.io import encode_prompts
+
+    use_chat, allow_special = encoding
+    rows = encode_prompts(tokenizer, texts, use_chat, allow_special_tokens=allow_special)
+    out = generate(model, rows, tokenizer=tokenizer, streamer=streamer, **generate_kwargs)
+    return batch_records(indices, texts, rows, out, tokenizer, model_dtype(model)), out
 
 
 def generate_prompts(model, tokenizer, prompts, args, generate_kwargs, show_debug: bool, writer=None):
@@ -82,27 +113,20 @@ def generate_prompts(model, tokenizer, prompts, args, generate_kwargs, show_debu
     """
     from tqdm import tqdm
 
-    from decodekit.api import generate
-    from decodekit.io import encode_prompts, iter_batches
-    from decodekit.quant import quant_scheme
+    from decodekit.io import iter_batches
 
     todo = writer.pending() if writer is not None else list(range(len(prompts)))
     if len(todo) < len(prompts):
         log.warning("resume: %d of %d prompts already in %s", len(prompts) - len(todo), len(prompts), args.output_file)
-    use_chat = getattr(args, "use_chat_template", None)
-    if use_chat is None:
-        use_chat = bool(getattr(tokenizer, "chat_template", None))
+    encoding = (chat_template_on(tokenizer, getattr(args, "use_chat_template", None)),
+                getattr(args, "allow_special_tokens", False))
     stream = len(todo) == 1 and not getattr(args, "no_stream", False) and not show_debug
-    dtype = quant_scheme(model) or str(next(model.parameters()).dtype).removeprefix("torch.")
     records = []
     batches = list(iter_batches(todo, args.batch_size))
     for batch in tqdm(batches, desc="batches", unit="batch", disable=len(batches) <= 1, file=sys.stderr):
         texts = [prompts[i] for i in batch]
-        rows = encode_prompts(tokenizer, texts, use_chat,
-                              allow_special_tokens=getattr(args, "allow_special_tokens", False))
         streamer = TerminalStream(tokenizer) if stream else None
-        out = generate(model, rows, tokenizer=tokenizer, streamer=streamer, **generate_kwargs)
-        done = batch_records(batch, texts, rows, out, tokenizer, dtype)
+        done, out = decode_batch(model, tokenizer, batch, texts, generate_kwargs, encoding, streamer)
         if show_debug:
             shown = format_debug(generate_kwargs["strategy"], out, tokenizer)
             if shown:

@@ -170,6 +170,9 @@ def build_generate_parser(sub) -> argparse.ArgumentParser:
     add_flag(p, "top_p", type=float, default=None)
     add_processor_flags(p)
     add_flag(p, "seed", type=int, default=None)
+    add_flag(p, "logprobs", type=int, default=None,
+             help="record each token's log-probability and this many alternatives (0..20) in "
+                  "the results' \"logprobs\" field")
     add_flag(p, "stop_strings", action="append", default=None, help="stop when this text appears")
     chat = p.add_mutually_exclusive_group()
     add_flag(chat, "use_chat_template", action="store_const", const=True, default=None,
@@ -220,6 +223,10 @@ def _validate_generate_args(args) -> None:
     """Everything that can be checked before the model is loaded."""
     _strategy(args)  # a known name
     check_int("max_new_tokens", args.max_new_tokens, min_value=1)
+    if args.logprobs is not None:
+        check_int("logprobs", args.logprobs, min_value=0, max_value=20)
+        if not _strategy(args).logprobs:
+            raise DecodeKitError(f"logprobs is not available with strategy {args.strategy!r}")
     check_int("batch_size", args.batch_size, min_value=1)
     check_int("max_display", args.max_display, min_value=0)
     if args.temperature is not None:
@@ -265,6 +272,7 @@ def run_generate(args) -> int:
     engine = engine_from_args(args)  # None: this process; Ray checked before anything starts
     kwargs = dict(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop_strings,
+                  logprobs=args.logprobs,
                   debug=args.debug, **_processor_options(args), **options)
     writer = open_results(args, prompts, kwargs)
     if writer is not None and not writer.pending():

@@ -98,6 +98,8 @@ class GenerationOutput:
     stats: list[RequestStats]
     scores: list[float] | None = None  # beam search: final score of each returned sequence
     debug: list | None = None  # strategy-specific trace when debug=True
+    # logprobs=N: per row, per generated token {"token_id", "logprob", "top_logprobs": [...]}
+    logprobs: list[list[dict]] | None = None
 
     def texts(self, tokenizer, skip_special_tokens: bool = True) -> list[str]:
         return [tokenizer.decode(s, skip_special_tokens=skip_special_tokens) for s in self.sequences]
@@ -148,6 +150,8 @@ class RowTracker:
         self.tokenizer = tokenizer
         self.stream = _as_stream_callback(streamer)
         self.tokens: list[list[int]] = [[] for _ in prompt_lengths]
+        self.logprobs_n: int | None = None  # set by generate(logprobs=N)
+        self.logprobs: list[list[dict]] = [[] for _ in prompt_lengths]
         self.stats = [RequestStats(prompt_tokens=int(n)) for n in prompt_lengths]
         self.active: list[int] = list(range(len(prompt_lengths)))
         self.t0 = time.perf_counter()
@@ -181,14 +185,19 @@ class RowTracker:
             stat.draft_lengths.append(int(drafted[i]))
             stat.accept_lengths.append(int(accepted[i]))
 
-    def push(self, new_tokens: Sequence[Sequence[int]] | Tensor) -> list[bool]:
-        """Append tokens to the active rows; returns, per active row, whether it finished."""
+    def push(self, new_tokens: Sequence[Sequence[int]] | Tensor, scores: Tensor | None = None) -> list[bool]:
+        """Append tokens to the active rows; returns, per active row, whether it finished.
+
+        ``scores [B, K, V]``: the processed scores each token was chosen from (token ``j`` of
+        row ``i`` from ``scores[i, j]``), recorded as log-probabilities when ``logprobs_n``."""
         if isinstance(new_tokens, Tensor):
             new_tokens = new_tokens.reshape(len(self.active), -1).tolist()
         now = time.perf_counter() - self.t0
         finished = []
         for i, row in enumerate(self.active):
             kept = self._append(row, new_tokens[i])
+            if self.logprobs_n is not None and kept:
+                self.logprobs[row] += logprob_entries(scores[i, : len(kept)], kept, self.logprobs_n)
             self.stats[row].seconds = now
             if kept and self.stream is not None:
                 self.stream(row, kept)
@@ -237,4 +246,19 @@ class RowTracker:
                 stat.finish_reason = "length"
         if self.stream is not None and hasattr(self.stream, "end"):
             self.stream.end()
+        if self.logprobs_n is not None:
+            extra.setdefault("logprobs", self.logprobs)
         return GenerationOutput(sequences=self.tokens, stats=self.stats, **extra)
+
+
+def logprob_entries(scores: Tensor, tokens: Sequence[int], top: int) -> list[dict]:
+    """``scores [K, V]`` (processed logits) of ``K`` chosen ``tokens`` -> OpenAI-style entries:
+    the token's log-probability under the final distribution and the ``top`` most likely."""
+    logp = torch.log_softmax(scores.float(), dim=-1)  # [K, V]
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    best_lp, best_id = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+    return [
+        {"token_id": tok, "logprob": lp,
+         "top_logprobs": [{"token_id": t, "logprob": v} for t, v in zip(ids, lps)]}
+        for tok, lp, ids, lps in zip(tokens, chosen, best_id.tolist(), best_lp.tolist())
+    ]

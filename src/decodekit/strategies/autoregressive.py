@@ -31,8 +31,8 @@ def decode(req: DecodeRequest, opts: AutoregressiveOptions | None = None):
     state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)
     logits = logits[:, -1]  # [B, V]
     while True:
-        tokens = req.sample(logits)  # [B]
-        finished = tracker.push(tokens[:, None])
+        tokens, scores = req.choose(logits)  # [B], [B, V] | None
+        finished = tracker.push(tokens[:, None], None if scores is None else scores[:, None])
         if req.debug and req.tokenizer is not None:
             log.info("step tokens: %s", [req.tokenizer.decode([t]) for t in tokens.tolist()])
         (tokens,) = drop_finished(tracker, finished, [state], tokens)

@@ -58,6 +58,14 @@ class DecodeRequest:
         """Processed probabilities (one-hot argmax when greedy) of ``scores``."""
         return self.processor.distribution(self.scores(logits, rows))
 
+    def choose(self, logits: Tensor, rows: list[list[int]] | None = None) -> tuple[Tensor, Tensor | None]:
+        """``[B, V]`` logits -> token ids ``[B]`` and, when log-probabilities were asked for
+        (``tracker.logprobs_n``), the scores they were chosen from (else None)."""
+        if self.tracker.logprobs_n is None:
+            return self.sample(logits, rows), None
+        scores = self.scores(logits, rows)
+        return self.processor.sample(self.processor.distribution(scores), generator=self.generator), scores
+
     def sample(self, logits: Tensor, rows: list[list[int]] | None = None) -> Tensor:
         """``[B, V]`` logits -> sampled/argmax token ids ``[B]`` (``[B, K, V]`` -> ``[B, K]``)."""
         if self.processor.is_greedy and not self.processor.needs_history:

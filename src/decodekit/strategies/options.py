@@ -163,3 +163,4 @@ class Strategy:
     lossless: bool = False
     sampling: str = "optional"
     format_trace: Callable | None = None  # (output.debug, tokenizer) -> str
+    logprobs: bool = True  # can report each token's log-probability (generate(logprobs=N))

@@ -120,9 +120,10 @@ def _guess_tensor(rows: list[_RowBlock], width: int, device) -> Tensor:
 
 
 def _refine_pass(req: DecodeRequest, state: ModelState, rows: list[_RowBlock],
-                 filler: int) -> tuple[Tensor, Tensor, int]:
+                 filler: int) -> tuple[Tensor, Tensor, int, Tensor]:
     """Run one pass; returns the new iterates ``[B, M]`` (row ``b``'s open positions first),
-    ``accepted [B]`` (the leading fed guesses the model confirmed) and the columns fed. Block
+    ``accepted [B]`` (the leading fed guesses the model confirmed), the columns fed and the
+    processed scores ``[B, M, V]`` the iterates were taken from. Block
     position ``j`` is processed with the history ending in guesses ``0..j-1`` (exact under
     history processors such as repetition_penalty)."""
     ids = _pass_inputs(rows, filler)  # [B, W]
@@ -137,9 +138,10 @@ def _refine_pass(req: DecodeRequest, state: ModelState, rows: list[_RowBlock],
     histories = None
     if req.processor.needs_history:
         histories = [h + d for h, d in zip(req.histories(), drafts.clamp_min(0).tolist())]
-    p = req.probs(window, histories)  # [B, M, V] one-hot (greedy)
+    scores = req.scores(window, histories)  # [B, M, V]
+    p = req.processor.distribution(scores)  # one-hot (greedy)
     result = verify(p, drafts, open_ - 1, greedy=True)
-    return p.argmax(dim=-1), result.accepted, fed
+    return p.argmax(dim=-1), result.accepted, fed, scores
 
 
 def _advance(r: _RowBlock, iterate: list[int], accepted: int, max_iterations: int | None,
@@ -196,12 +198,13 @@ def _advance_rows(req: DecodeRequest, rows: list[_RowBlock], iterate: Tensor, ac
     return new_tokens, forget, exact_tokens
 
 
-def _emit(req: DecodeRequest, rows: list[_RowBlock], new_tokens, exact_tokens, finished_rows: dict) -> list[bool]:
-    """Step 3: committed tokens to the tracker; returns which rows finished (their debug
-    record goes to ``finished_rows``)."""
+def _emit(req: DecodeRequest, rows: list[_RowBlock], new_tokens, exact_tokens, finished_rows: dict,
+          scores: Tensor) -> list[bool]:
+    """Step 3: committed tokens to the tracker (each row's from the start of its window of
+    ``scores``); returns which rows finished (their debug record goes to ``finished_rows``)."""
     tracker = req.tracker
     before = [len(tracker.tokens[r.row]) for r in rows]
-    finished = [f or r.left <= 0 for f, r in zip(tracker.push(new_tokens), rows)]
+    finished = [f or r.left <= 0 for f, r in zip(tracker.push(new_tokens, scores), rows)]
     for r, n_before, n_exact in zip(rows, before, exact_tokens):
         r.unconverged += max(0, len(tracker.tokens[r.row]) - n_before - n_exact)  # kept ones only
     for r, f in zip(rows, finished):
@@ -228,13 +231,13 @@ def _decode_blocks(req: DecodeRequest, block_size: int, max_iterations: int | No
     state = ModelState.empty(req.model, n_rows, use_cache=req.use_cache)
     finished_rows: dict[int, dict] = {}
     while not tracker.done:
-        iterate, accepted, fed = _refine_pass(req, state, rows, req.pad_token_id)  # 1
+        iterate, accepted, fed, scores = _refine_pass(req, state, rows, req.pad_token_id)  # 1
         if max_iterations is None:  # exact: acceptance stats count the confirmed guesses
             tracker.record_verify([len(r.guesses) - 1 for r in rows], accepted.tolist())
         new_tokens, forget, exact_tokens = _advance_rows(req, rows, iterate, accepted, fed, max_iterations,
                                                          block_size, placeholder)  # 2
         state.rollback(torch.tensor(forget))
-        finished = _emit(req, rows, new_tokens, exact_tokens, finished_rows)  # 3
+        finished = _emit(req, rows, new_tokens, exact_tokens, finished_rows, scores)  # 3
         rows = [r for r, f in zip(rows, finished) if not f]  # 4
         drop_finished(tracker, finished, [state])
         if not tracker.done:

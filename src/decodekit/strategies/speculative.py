@@ -130,12 +130,13 @@ class _Run:
         self.state: ModelState | None = None
         self.last: Tensor | None = None  # [B] the latest token, not yet fed to the target
 
-    def emit(self, tokens: list[list[int]], kinds: list[list[str]]) -> list[bool]:
-        """Push tokens of the active rows to the tracker and the histories."""
+    def emit(self, tokens: list[list[int]], kinds: list[list[str]], scores: Tensor) -> list[bool]:
+        """Push tokens of the active rows to the tracker and the histories; ``scores [B, K, V]``:
+        the target's processed scores each token was chosen from (for log-probabilities)."""
         tracker = self.req.tracker
         before = [len(tracker.tokens[r]) for r in tracker.active]
         active = list(tracker.active)
-        finished = tracker.push(tokens)
+        finished = tracker.push(tokens, scores)
         for i, row in enumerate(active):
             self.rows[i].extend(tokens[i])
             if self.trace is not None:
@@ -249,7 +250,7 @@ def _step(run: _Run, skip_sample_adjustment: bool) -> None:
         log.info("verify: drafted %s accepted %s", draft.drafted.tolist(), result.accepted.tolist())
     tokens, kinds = _emitted(draft, result)
     run.last = result.next_tokens
-    finished = run.emit(tokens, kinds)
+    finished = run.emit(tokens, kinds, scores)
     run.drop_finished(finished)  # 6
     if not req.tracker.done:
         run.maybe_compact()
@@ -283,7 +284,7 @@ def speculative_loop(
     policy.start(req, drafter)
     if first_target:
         first = run.last.tolist()
-        finished = run.emit([[t] for t in first], [["target"]] * len(first))
+        finished = run.emit([[t] for t in first], [["target"]] * len(first), run.scores[:, None])
         run.drop_finished(finished)
     while not req.tracker.done:
         _step(run, skip_sample_adjustment)
