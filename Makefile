@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   -> virtualenv + CPU torch + decodekit + bundled model, then a real generation
-#   make test   -> the same plus dev extras, then the whole test suite (slow real-model tests included)
+#   make test   -> the same plus dev extras (and Ray for the --engine ray tests), then the whole test suite (slow real-model tests included)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e '.[dev,bench]'
+	$(PIP) install -q -e '.[dev,bench,ray]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -39,6 +39,7 @@ from decodekit.processors import (
 )
 from decodekit.quality import continuation_loglik, distinct_n, exact_match, normalize_answer
 from decodekit.quant import QuantLinear, quantize_model
+from decodekit.ray import RayEngine, generate_dataset  # Ray itself is imported only when used
 from decodekit.seed import (
     ExtendedInferenceSampler,
     autoregressive_generate,
@@ -135,4 +136,6 @@ __all__ = [
     "NgramDrafter",
     "PromptLookupDrafter",
     "AcceptanceGate",
+    "generate_dataset",
+    "RayEngine",
 ]
