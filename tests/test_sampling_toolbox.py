@@ -9,9 +9,9 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from decodekit import DecodeKitError, generate, prepare_inputs
 from decodekit.cli import main
+from test_speculative import SV, _peaked
 
 from conftest import CHAT_PROMPTS, chat_batch, hf_new_tokens, tiny_llama
-from test_speculative import SV, _peaked
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,3 +198,45 @@ def test_real_model_logprobs_equal_transformers_scores(real_model):
     for t, entry in enumerate(out.logprobs[0]):
         assert entry["logprob"] == pytest.approx(ref[t, entry["token_id"]].item(), abs=1e-4)
         assert [a["token_id"] for a in entry["top_logprobs"]] == ref[t].topk(5).indices.tolist()
+
+
+# ---------------------------------------------------------------------------- n samples per prompt
+@pytest.mark.parametrize("strategy,extra", [("sample", {}), ("speculative", {"drafter": "layers:1"}),
+                                            ("prompt_lookup", {})])
+def test_n_samples_share_one_prefill_and_equal_repeated_prompts(llama, strategy, extra):
+    rows = ROWS[:3]
+    batches = []
+    hook = llama.register_forward_hook(lambda mod, args, kw, out: batches.append(kw["input_ids"].shape),
+                                       with_kwargs=True)
+    try:
+        out = generate(llama, rows, strategy=strategy, num_return_sequences=4, temperature=0.9, seed=5,
+                       max_new_tokens=10, eos_token_id=[], **extra)
+    finally:
+        hook.remove()
+    prefill_rows = [shape[0] for shape in batches if shape[1] > 1][0]
+    assert prefill_rows == 3  # each prompt prefilled once, then forked to its 4 rows
+    assert len(out.sequences) == 12 and len(out.stats) == 12
+    repeated = [r for r in rows for _ in range(4)]
+    ref = generate(llama, repeated, strategy=strategy, temperature=0.9, seed=5, max_new_tokens=10,
+                   eos_token_id=[], **extra)
+    assert out.sequences == ref.sequences  # sharing the prefill changes nothing
+    assert len({tuple(s) for s in out.sequences[:4]}) > 1  # real samples, not copies
+
+
+def test_n_samples_need_sampling(llama):
+    with pytest.raises(DecodeKitError, match="num_return_sequences"):
+        generate(llama, ROWS, num_return_sequences=2)
+    with pytest.raises(DecodeKitError, match="num_return_sequences must be >= 1"):
+        generate(llama, ROWS, strategy="sample", num_return_sequences=0)
+
+
+def test_cli_writes_n_records_per_prompt(tiny_model_dir, tmp_path):
+    import json
+
+    out = tmp_path / "n.jsonl"
+    assert main(["generate", "--model_path", str(tiny_model_dir), "--prompt", "hello there",
+                 "--strategy", "sample", "--num_return_sequences", "3", "--seed", "1", "--max_new_tokens", "5",
+                 "--output_file", str(out), "--dtype", "float32", "--logprobs", "1"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["index"], r["sample_index"]) for r in records] == [(0, 0), (0, 1), (0, 2)]
+    assert all(len(r["logprobs"]) == r["response_length"] for r in records)

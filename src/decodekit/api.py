@@ -167,6 +167,18 @@ def _make_processor(strategy: Strategy, logits_processor, knobs: dict, eos_ids: 
                          vocab_size=vocab)
 
 
+def _share_prompts(ids: Tensor, mask: Tensor, n: int, processor: LogitsPipeline):
+    """``n`` samples per prompt: each row repeated ``n`` times (prompt-major), with the
+    prompt number of every copy (``DecodeRequest.shared``: prefilled once, then forked)."""
+    if n == 1:
+        return ids, mask, None
+    if processor.is_greedy:
+        raise DecodeKitError(f"num_return_sequences={n} needs sampling (temperature > 0): greedy "
+                             "decoding would return the same sequence n times")
+    shared = torch.arange(ids.shape[0]).repeat_interleave(n)  # [B * n]
+    return ids.index_select(0, shared), mask.index_select(0, shared), shared
+
+
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
@@ -242,6 +254,7 @@ def generate(
     ids, mask, eos_ids, pad_token_id = _inputs(model, input_ids, attention_mask, eos_token_id,
                                                 pad_token_id, max_new_tokens)
     processor = _make_processor(chosen, logits_processor, knobs, eos_ids, vocab_size(model))
+    ids, mask, shared = _share_prompts(ids, mask, opts.samples_per_prompt, processor)
     stop_strings = check_stop_strings(stop_strings)
     if stop_strings and tokenizer is None:
         raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")
@@ -253,7 +266,7 @@ def generate(
         model=model, input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
         processor=processor, tracker=tracker, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
         pad_token_id=pad_token_id, generator=generator, tokenizer=tokenizer, use_cache=use_cache,
-        debug=debug,
+        debug=debug, shared=shared,
     )
     was_training = model.training
     model.eval()

@@ -65,7 +65,8 @@ def batch_records(indices, texts, rows, out, tokenizer, dtype: str) -> list[dict
     records = []
     for i, (index, text) in enumerate(zip(indices, texts)):
         for j in range(per_prompt):
-            stats = {**out.stats[i].to_dict(), "dtype": dtype}
+            stat = out.stats[i * per_prompt + j] if len(out.stats) == len(out.sequences) else out.stats[i]
+            stats = {**stat.to_dict(), "dtype": dtype}
             record = make_record(text, rows[i], out.sequences[i * per_prompt + j], tokenizer, stats=stats,
                                  index=index, sample_index=j if per_prompt > 1 else None)
             if out.scores is not None:

@@ -11,24 +11,30 @@ from dataclasses import dataclass
 
 import torch
 
-from decodekit.cache import ModelState
 from decodekit.strategies.base import DecodeRequest, drop_finished
-from decodekit.strategies.options import Options
+from decodekit.strategies.options import Options, option
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class AutoregressiveOptions(Options):
-    """Greedy and sampling take no options of their own (temperature / top_k / top_p and
-    the other sampling knobs are ``generate``'s)."""
+    """Greedy and sampling: only ``num_return_sequences`` (temperature / top_k / top_p and the
+    other sampling knobs are ``generate``'s)."""
+
+    num_return_sequences: int = option(1, "samples per prompt (sampling; the prompt is prefilled "
+                                       "once and shared)", int, min=1)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.num_return_sequences
 
 
 @torch.inference_mode()
 def decode(req: DecodeRequest, opts: AutoregressiveOptions | None = None):
     """Greedy or sampled decoding, depending on ``req.processor``."""
     tracker = req.tracker
-    state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)
+    state, logits = req.prefill()
     logits = logits[:, -1]  # [B, V]
     while True:
         tokens, scores = req.choose(logits)  # [B], [B, V] | None

@@ -27,6 +27,26 @@ class DecodeRequest:
     tokenizer: Any = None
     use_cache: bool = True
     debug: bool = False
+    # num_return_sequences: row r holds a copy of prompt shared[r]; copies are prefilled once
+    shared: Tensor | None = None  # [B] (None: every row its own prompt)
+
+    def prefill(self, drop_last: bool = False) -> tuple[ModelState, Tensor | None]:
+        """The prompts in a new ``ModelState`` (without their last token with ``drop_last``)
+        and the last position's logits ``[B, 1, V]`` (None if nothing was fed). Rows that
+        share a prompt (``shared``) are prefilled once, then their cache is forked."""
+        ids, mask = self.input_ids, self.attention_mask  # [B, T]
+        if drop_last:
+            ids, mask = ids[:, :-1], mask[:, :-1]
+        if ids.shape[1] == 0:
+            return ModelState.empty(self.model, ids.shape[0], use_cache=self.use_cache), None
+        if self.shared is None:
+            return ModelState.prefill(self.model, ids, mask, use_cache=self.use_cache)
+        shared = self.shared.cpu()  # [B] sorted prompt numbers 0..P-1
+        first = torch.searchsorted(shared, torch.arange(int(shared[-1]) + 1))  # [P] each one's first row
+        first = first.to(ids.device)
+        state, logits = ModelState.prefill(self.model, ids[first], mask[first], use_cache=self.use_cache)
+        state.select_rows(shared)  # fork: every copy gets its prompt's cache
+        return state, logits.index_select(0, shared.to(logits.device))
 
     def prompt_rows(self) -> list[list[int]]:
         """The real prompt tokens of each row (left padding removed)."""

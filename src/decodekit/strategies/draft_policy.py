@@ -467,6 +467,12 @@ class DraftOptions(Options):
                                    int, min=1, max=GAMMA_LIMIT, optional=True)
     egag_ema_beta: float = option(0.0, "EGAG: EMA weight of the previous draft length, in [0, 1)",
                                   float, min=0.0)
+    num_return_sequences: int = option(1, "samples per prompt (sampling; the prompt is prefilled "
+                                       "once and shared)", int, min=1)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.num_return_sequences
 
     def validate(self) -> None:
         self.policy()  # the cross-field checks live in make_policy

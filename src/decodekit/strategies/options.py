@@ -125,6 +125,11 @@ class Options:
     def validate(self) -> None:
         """Checks that involve several fields (subclasses override)."""
 
+    @property
+    def samples_per_prompt(self) -> int:
+        """Rows decoded per prompt, sharing its prefill (``num_return_sequences`` when sampling)."""
+        return 1
+
     @classmethod
     def specs(cls) -> list[tuple[str, Any, Spec]]:
         """``(name, default, spec)`` for every field, in declaration order."""

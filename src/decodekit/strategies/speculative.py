@@ -106,14 +106,6 @@ class Drafter:
 
 
 # ---------------------------------------------------------------------------- the loop
-def prefill_context(model, ids: Tensor, mask: Tensor, use_cache: bool) -> ModelState:
-    """A state holding ``ids [B, T]`` (T may be 0), without needing its logits."""
-    state = ModelState.empty(model, ids.shape[0], use_cache=use_cache)
-    if ids.shape[1]:
-        state.extend(ids, token_mask=mask, logits_to_keep=1)
-    return state
-
-
 def maybe_compact(state: ModelState) -> None:
     """Remove holes when they pile up (or at once for sliding-window models)."""
     state.compact_holes(HOLES_PER_ROW_BEFORE_COMPACT)
@@ -174,14 +166,12 @@ def _start(run: _Run, first_target: bool) -> None:
     """Prefill the target; with ``first_target`` it also emits the first token."""
     req = run.req
     if first_target:
-        run.state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask,
-                                               use_cache=req.use_cache)
+        run.state, logits = req.prefill()
         run.scores = req.scores(logits[:, -1])  # [B, V]
         run.last = req.processor.sample(req.processor.distribution(run.scores), generator=req.generator)
         return
-    ids, mask = req.input_ids, req.attention_mask
-    run.state = prefill_context(req.model, ids[:, :-1], mask[:, :-1], req.use_cache)
-    run.last = ids[:, -1]  # the prompt's last token is verified together with the first drafts
+    run.state, _ = req.prefill(drop_last=True)
+    run.last = req.input_ids[:, -1]  # the prompt's last token is verified together with the first drafts
 
 
 def _cap(draft: Draft, limits: Tensor) -> Draft:
