@@ -119,3 +119,11 @@ def test_bench_entries_are_valid_strategy_options():
         assert entry.lossless == STRATEGIES[entry.name].lossless
     drafting = {e.name for e in ENTRIES if e.drafts}
     assert drafting == {"speculative", "ngram", "prompt_lookup"}
+
+
+def test_refine_iter_converge_is_accepted_by_generate_flags():
+    from decodekit.cli import _strategy_options
+
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--strategy", "refine", "--refine_iter",
+                                      "converge"])
+    assert _strategy_options(args) == {"refine_iter": "converge"}

@@ -1,4 +1,24 @@
-"""The front door: ``generate`` (every strategy, batched) and ``generate_super``."""
+"""The front door: ``generate`` (every strategy, batched) and ``generate_super``.
+
+``generate(model, input_ids, attention_mask=None, *, strategy="greedy", ...)``:
+
+* ``strategy`` is one of ``decodekit.STRATEGIES``; its options (``num_beams``, ``drafter``,
+  ``gamma``...) go in ``**options`` and are checked by the strategy's ``Options`` class.
+* Sampling knobs: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``min_p``,
+  ``typical_p``, or a ``logits_processor`` (decodekit's, or transformers' ``LogitsProcessor``
+  / ``LogitsProcessorList``). History processors, with transformers' names, also go in
+  ``**options``: ``repetition_penalty``, ``presence_penalty`` / ``frequency_penalty`` (OpenAI
+  semantics), ``no_repeat_ngram_size``, ``logit_bias`` ({token id: bias}), ``bad_words_ids``,
+  ``suppress_tokens``, ``min_new_tokens``, ``ignore_eos``. They stay exact under every
+  speculative strategy. ``seed`` makes sampling reproducible; ``num_return_sequences=n``
+  samples n sequences per prompt from one shared prefill.
+* ``logprobs=N`` (0..20): each generated token's log-probability under the final processed
+  distribution (under speculation, the target's, never the drafter's) and the ``N`` most
+  likely alternatives, in ``output.logprobs``.
+* ``eos_token_id`` / ``pad_token_id`` default to the model's generation config;
+  ``stop_strings`` is a string or a list of non-empty strings (needs ``tokenizer``);
+  ``streamer`` is ``callback(row, new_token_ids)`` or a transformers streamer.
+"""
 
 from __future__ import annotations
 
@@ -222,25 +242,12 @@ def generate(
     debug: bool = False,
     **options,
 ) -> GenerationOutput:
-    """Decode a batch of prompts with one strategy.
+    """Decode a batch of prompts with one strategy (see the module docstring for every knob).
 
-    ``input_ids``: ``[B, T]`` / ``[T]`` tensor (with ``attention_mask`` for padding) or
-    lists of token ids. ``strategy`` is one of ``decodekit.STRATEGIES``; strategy-specific
-    options (``num_beams``, ``drafter``, ``gamma``...) go in ``**options`` and are checked by
-    the strategy's ``Options`` class. Sampling knobs: ``temperature`` (0 = greedy),
-    ``top_k``, ``top_p``, ``min_p``, ``typical_p``, or a ``logits_processor`` (decodekit's
-    or transformers' ``LogitsProcessor`` / ``LogitsProcessorList``); history processors, with
-    transformers' names, also go in ``**options``: ``repetition_penalty``,
-    ``presence_penalty`` / ``frequency_penalty`` (OpenAI semantics), ``no_repeat_ngram_size``,
-    ``logit_bias`` ({token id: bias}), ``bad_words_ids``, ``suppress_tokens``,
-    ``min_new_tokens``, ``ignore_eos``. They stay exact under every speculative strategy.
-    ``seed`` makes sampling reproducible. ``logprobs=N`` (0..20) fills ``output.logprobs``:
-    each generated token's log-probability under the final processed distribution (under
-    speculation, the target's, never the drafter's) and the ``N`` most likely alternatives.
-    ``eos_token_id`` / ``pad_token_id`` default to the model's generation config.
-    ``stop_strings``: a string or a list of non-empty strings (needs ``tokenizer``).
-    ``streamer`` is ``callback(row, new_token_ids)`` or a transformers streamer. Returns a
-    ``GenerationOutput`` with the new tokens and per-request stats.
+    ``input_ids``: ``[B, T]`` / ``[T]`` tensor (with ``attention_mask``) or lists of token ids.
+    ``**options``: the strategy's options (``num_beams``, ``drafter``, ``gamma``...) and the
+    history processors (``repetition_penalty``...). ``logprobs=N`` fills ``output.logprobs``.
+    Returns a ``GenerationOutput`` with the new tokens and per-request stats.
     """
     chosen = get_strategy(strategy)
     knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
