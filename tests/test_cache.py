@@ -135,3 +135,14 @@ def test_empty_state_and_the_forward_count(tiny_model):
     assert fork.take_forwards() == 1 and state.take_forwards() == 0 and state.forwards == 3
     no_cache = ModelState.empty(tiny_model, 2, use_cache=False)
     assert no_cache.cache is None and not no_cache.use_cache
+
+
+@torch.no_grad()
+def test_dense_again_after_masked_columns_are_cropped(llama):
+    """A verify step with unused draft slots (mask 0) must not leave the state on the slow
+    masked path once those columns are rolled back (a prompt-lookup slowdown, 1.3x)."""
+    state, _ = ModelState.prefill(llama, torch.tensor([[5, 6, 7]]))
+    state.extend(torch.tensor([[8, 9, 0]]), token_mask=torch.tensor([[1, 1, 0]]))
+    assert not state.dense
+    state.rollback(torch.tensor([1]))
+    assert state.dense

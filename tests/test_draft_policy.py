@@ -236,8 +236,11 @@ def test_cost_and_adaptive_share_one_acceptance_estimator():
         cost.observe(torch.tensor([3]), torch.tensor([1]))
         adaptive.observe(torch.tensor([3]), torch.tensor([1]))
     assert isinstance(cost.estimate, dp.Acceptance) and isinstance(adaptive.estimate(0, 0), dp.Acceptance)
-    assert cost.acceptance == adaptive.estimate(0, 0).rate == pytest.approx(
-        (sum(0.9**i for i in range(5)) + 0.5) / (2 * sum(0.9**i for i in range(5)) + 0.75))
+    # one estimator, each policy with the constants it was measured with
+    seen = sum(0.95**i for i in range(5))  # cost: decay 0.95, fixed prior 2 accepted / 1 rejected
+    assert cost.acceptance == pytest.approx((seen + 2) / (2 * seen + 3))
+    seen = sum(0.8**i for i in range(5))  # adaptive: decay 0.8, a forgetting prior 1 / 1
+    assert adaptive.estimate(0, 0).rate == pytest.approx((seen + 0.8**5) / (2 * seen + 2 * 0.8**5))
     from decodekit import AcceptanceGate
 
     assert AcceptanceGate is dp.AdaptivePolicy

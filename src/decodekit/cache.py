@@ -200,6 +200,8 @@ class ModelState:
         keep = self.length - num_tokens_to_discard
         self.ids = self.ids[:, :keep]
         self.mask = self.mask[:, :keep]
+        if not self.dense:  # the masked columns may have been the cropped ones (unused drafts)
+            self.dense = bool(self.mask.all())
         if self.use_cache:
             prune_cache(self.cache, num_tokens_to_discard)
 

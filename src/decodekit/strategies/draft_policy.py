@@ -101,8 +101,6 @@ class FixedPolicy(DraftPolicy):
 
 
 # ---------------------------------------------------------------------------- acceptance
-ACCEPTANCE_DECAY = 0.9  # observations forget by this factor per update
-PRIOR_ACCEPTED, PRIOR_REJECTED = 0.5, 0.25  # a fixed prior: a = 2/3 with the weight of 0.75 drafts
 
 
 def expected_tokens(k: int, a: float) -> float:
@@ -118,23 +116,33 @@ class Acceptance:
 
     ``a`` is the maximum-likelihood estimate for a truncated geometric, ``accepted /
     (accepted + rejections)``, where a rejection is a step that accepted fewer drafts than
-    it drafted. The counts forget exponentially (``ACCEPTANCE_DECAY`` per update) so the
-    estimate follows the text, and a fixed prior (``PRIOR_ACCEPTED`` / ``PRIOR_REJECTED``:
-    a = 2/3, weak) is added: after a stretch without drafting the estimate drifts back to
-    2/3 and the policy probes again.
+    it drafted. The counts forget exponentially (``decay`` per update) so the estimate
+    follows the text. A prior of ``prior = (accepted, rejected)`` pseudo-counts is added:
+    ``fixed_prior=True`` keeps it forever (after a stretch without drafting the estimate
+    drifts back to the prior and the policy probes again: ``cost``), otherwise it starts the
+    counts and forgets like an observation (``adaptive``: per row and evidence level, where
+    stale levels should stay quiet). Each policy's constants are the ones it was measured
+    with (``COST_ESTIMATE``, ``ADAPTIVE_ESTIMATE``).
     """
 
-    def __init__(self):
-        self.accepted, self.rejected = 0.0, 0.0  # decayed observations
+    def __init__(self, decay: float, prior: tuple[float, float], fixed_prior: bool):
+        self.decay, self.fixed_prior = decay, fixed_prior
+        self.prior = prior if fixed_prior else (0.0, 0.0)
+        self.accepted, self.rejected = (0.0, 0.0) if fixed_prior else prior  # decayed observations
 
     def add(self, accepted: float, rejected: float) -> None:
-        self.accepted = ACCEPTANCE_DECAY * self.accepted + accepted
-        self.rejected = ACCEPTANCE_DECAY * self.rejected + rejected
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + rejected
 
     @property
     def rate(self) -> float:
-        prior = PRIOR_ACCEPTED + PRIOR_REJECTED
-        return (self.accepted + PRIOR_ACCEPTED) / (self.accepted + self.rejected + prior)
+        accepted, rejected = self.accepted + self.prior[0], self.rejected + self.prior[1]
+        return accepted / max(accepted + rejected, 1e-9)
+
+
+# decay, prior (accepted, rejected), fixed prior: as measured for each policy (README, bench)
+COST_ESTIMATE = dict(decay=0.95, prior=(2.0, 1.0), fixed_prior=True)  # a = 2/3, probes again
+ADAPTIVE_ESTIMATE = dict(decay=0.8, prior=(1.0, 1.0), fixed_prior=False)  # a = 1/2 at first
 
 
 # ---------------------------------------------------------------------------- EGAG
@@ -291,7 +299,7 @@ class CostPolicy(DraftPolicy):
     def __init__(self, gamma_min: int, gamma_max: int):
         super().__init__(gamma_max)
         self.gamma_min, self.gamma_max = gamma_min, gamma_max
-        self.estimate = Acceptance()
+        self.estimate = Acceptance(**COST_ESTIMATE)
         self.curve: CostCurve | None = None
         self.drafter = None
         self.last_choice: int | None = None
@@ -359,7 +367,7 @@ class AdaptivePolicy(DraftPolicy):
         self.rows, self.shadow, self.levels = [{} for _ in range(batch)], [None] * batch, [0] * batch
 
     def estimate(self, row: int, level: int) -> Acceptance:
-        return self.rows[row].setdefault(level, Acceptance())
+        return self.rows[row].setdefault(level, Acceptance(**ADAPTIVE_ESTIMATE))
 
     def budget(self, row: int, level: int, available: int) -> int:
         """Drafts worth sending now (0..available) for a row whose evidence is ``level``."""

@@ -180,6 +180,15 @@ def _cap(draft: Draft, limits: Tensor) -> Draft:
     return replace(draft, drafted=drafted)
 
 
+def _narrow(draft: Draft) -> Draft:
+    """Drop draft columns no row uses: the verify forward then feeds only ``max(drafted)``
+    drafts (masked, unused columns would cost compute and the model's masked path)."""
+    k = int(draft.drafted.max()) if draft.drafted.numel() else 0
+    if k == draft.k:
+        return draft
+    return replace(draft, tokens=draft.tokens[:, :k], q=None if draft.q is None else draft.q[:, :k])
+
+
 def _target_scores(run: _Run, draft: Draft) -> Tensor:
     """ONE target forward over ``[last, drafts]`` -> processed scores ``[B, k+1, V]``:
     position ``j`` is processed with the history that includes drafts ``0..j-1``, so history
@@ -221,7 +230,7 @@ def _draft(run: _Run) -> Draft:
     k = int(limits.max()) if limits.numel() else 0
     draft = run.drafter.propose(run.rows, k) if k > 0 else Draft.empty(len(run.rows), limits.device)
     draft = _cap(draft, limits.to(draft.drafted.device))
-    return run.policy.trim(draft, run.rows)
+    return _narrow(run.policy.trim(draft, run.rows))
 
 
 def _step(run: _Run, skip_sample_adjustment: bool) -> None:
