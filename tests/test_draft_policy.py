@@ -244,3 +244,12 @@ def test_cost_and_adaptive_share_one_acceptance_estimator():
     from decodekit import AcceptanceGate
 
     assert AcceptanceGate is dp.AdaptivePolicy
+
+
+def test_cost_curves_of_a_quantized_model_are_its_own():
+    from decodekit.quant import quantize_model
+
+    model, twin = tiny_llama(), tiny_llama()
+    twin.config._name_or_path = model.config._name_or_path = "same-name"
+    quantize_model(twin, "int8")
+    assert dp._model_key(model) != dp._model_key(twin)

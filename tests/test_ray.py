@@ -164,3 +164,14 @@ def test_a_worker_killed_mid_batch_is_restarted_and_every_prompt_comes_once(ray_
     got = [json.loads(row["record"]) for row in rows]
     assert sorted(r["index"] for r in got) == list(range(len(PROMPTS)))
     assert _by_index(got) == _by_index(reference)
+
+
+def test_generate_options_include_the_logits_processors():
+    """generate_dataset / --engine ray take what generate takes, processors included."""
+    from decodekit.ray import _check_generate_options
+    from decodekit.validation import DecodeKitError
+
+    _check_generate_options("prompt_lookup", {"max_new_tokens": 4, "repetition_penalty": 1.2, "gamma": 3,
+                                              "logprobs": 2})
+    with pytest.raises(DecodeKitError, match="unknown option"):
+        _check_generate_options("greedy", {"not_an_option": 1})

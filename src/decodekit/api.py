@@ -199,6 +199,10 @@ def _share_prompts(ids: Tensor, mask: Tensor, n: int, processor: LogitsPipeline)
     return ids.index_select(0, shared), mask.index_select(0, shared), shared
 
 
+def _generator(seed: int | None, model) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
+
+
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
@@ -265,14 +269,13 @@ def generate(
     stop_strings = check_stop_strings(stop_strings)
     if stop_strings and tokenizer is None:
         raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")
-    generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
     tracker = RowTracker(mask.sum(-1).tolist(), max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
                          stop_strings=stop_strings, tokenizer=tokenizer, streamer=streamer)
     tracker.logprobs_n = logprobs
     request = DecodeRequest(
         model=model, input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
         processor=processor, tracker=tracker, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
-        pad_token_id=pad_token_id, generator=generator, tokenizer=tokenizer, use_cache=use_cache,
+        pad_token_id=pad_token_id, generator=_generator(seed, model), tokenizer=tokenizer, use_cache=use_cache,
         debug=debug, shared=shared,
     )
     was_training = model.training

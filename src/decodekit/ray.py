@@ -127,9 +127,11 @@ def _check_generate_options(strategy: str, options: dict) -> None:
     """Strategy options through the strategy's ``Options``; anything else must be a
     ``decodekit.generate`` parameter. Checked on the driver, before any actor starts."""
     from decodekit.api import generate
+    from decodekit.processors import PROCESSOR_OPTIONS
     from decodekit.strategies import build_options, option_names
 
     known = set(inspect.signature(generate).parameters) - {"model", "input_ids", "attention_mask", "options"}
+    known |= set(PROCESSOR_OPTIONS)  # repetition_penalty, min_p...: generate's too
     strategy_names = set(option_names())
     unknown = [k for k in options if k not in known and k not in strategy_names]
     if unknown:

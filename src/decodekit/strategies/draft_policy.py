@@ -226,11 +226,15 @@ _CURVES: dict[tuple, CostCurve] = {}  # measured once per model/dtype/device, in
 
 
 def _model_key(model) -> tuple:
+    """What a cost curve depends on: architecture, size, dtype (an int8/int4 model is not its
+    float twin) and device."""
+    from decodekit.quant import quant_scheme
+
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     param = next(model.parameters())
     return (type(model).__name__, getattr(cfg, "_name_or_path", ""), getattr(cfg, "num_hidden_layers", None),
-            getattr(cfg, "hidden_size", None), getattr(cfg, "vocab_size", None), param.dtype, str(param.device),
-            id(model) if not getattr(cfg, "_name_or_path", "") else 0)
+            getattr(cfg, "hidden_size", None), getattr(cfg, "vocab_size", None), param.dtype, quant_scheme(model),
+            str(param.device), id(model) if not getattr(cfg, "_name_or_path", "") else 0)
 
 
 @torch.inference_mode()
