@@ -146,3 +146,41 @@ def test_dense_again_after_masked_columns_are_cropped(llama):
     assert not state.dense
     state.rollback(torch.tensor([1]))
     assert state.dense
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("joiner", [[21, 22], list(range(23, 47))])  # 24 tokens: past the 16-token window
+def test_add_rows_equals_a_fresh_batched_prefill(tiny_model, joiner):
+    """Continuous batching: a running batch (with holes) takes a freshly prefilled row, shorter
+    or longer than it; every row then decodes exactly as if prefilled alone (Gemma-3 too)."""
+    ids, mask = left_pad(ROWS[:2], 0)
+    running, _ = ModelState.prefill(tiny_model, ids, mask)
+    running.extend(torch.tensor([[40, 41, 42], [43, 44, 45]]))
+    running.rollback(torch.tensor([1, 2]))  # row 1's 44, 45 become a hole / are cropped
+    histories = [ROWS[0] + [40, 41], ROWS[1] + [43]]
+    fresh, _ = ModelState.prefill(tiny_model, torch.tensor([joiner]))
+    running.add_rows(fresh)
+    assert running.batch_size == 3 and not running.dense
+    rows = [*histories, joiner]
+    out = running.extend(torch.tensor([[50, 51], [52, 53], [54, 55]]))  # [3, 2, V]
+    ref = full_logits(tiny_model, [r + [a, b] for r, (a, b) in zip(rows, [(50, 51), (52, 53), (54, 55)])])
+    for b in range(3):
+        assert torch.allclose(out[b], ref[b][-2:], atol=1e-4), b
+
+
+@torch.no_grad()
+def test_add_rows_into_and_from_an_empty_state(llama):
+    """A lazy drafter's state holds nothing yet: joining it with a prefilled state (either way
+    round) pads the empty rows fully, and their later tokens see only themselves."""
+    empty = ModelState.empty(llama, 1)
+    full, _ = ModelState.prefill(llama, torch.tensor([ROWS[2]]))
+    empty.add_rows(full)  # [empty row, ROWS[2]]
+    assert empty.ids.shape == (2, len(ROWS[2])) and empty.mask[0].sum() == 0 and empty.dense is False
+    pending, pmask = left_pad([ROWS[0], [60]], 0)
+    out = empty.extend(pending, token_mask=pmask, logits_to_keep=1)[:, -1]
+    ref = full_logits(llama, [ROWS[0], ROWS[2] + [60]])
+    assert torch.allclose(out[0], ref[0][-1], atol=1e-4)
+    assert torch.allclose(out[1], ref[1][-1], atol=1e-4)
+    both_empty = ModelState.empty(llama, 2)
+    both_empty.add_rows(ModelState.empty(llama, 1))
+    assert both_empty.ids.shape == (3, 0)

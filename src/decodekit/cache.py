@@ -15,7 +15,9 @@ and holes never shift RoPE positions. The operations are the ones decoding needs
 * ``rollback(per_row)`` – ragged rollback: row ``b`` forgets its last ``per_row[b]``
   tokens; columns no row needs are cropped, the rest become holes,
 * ``select_rows(idx)`` – keep/reorder rows (finished rows leave, beams are reordered),
-* ``fork(idx)`` – an independent copy of some rows (EIS rollouts), the original untouched.
+* ``fork(idx)`` – an independent copy of some rows (EIS rollouts), the original untouched,
+* ``add_rows(other)`` – rows of another state (a request prefilled on its own) join the
+  batch, the shorter side left padded (continuous batching: ``decodekit.serve``).
 
 With ``use_cache=False`` the same API re-runs the whole sequence on every call (the
 seed's slow path, kept for teaching and for checking the cached path against it).
@@ -101,6 +103,14 @@ def _cache_tensors(cache: DynamicCache) -> list[tuple[Tensor, Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def _join_caches(top: list[tuple[Tensor, Tensor]], bottom: list[tuple[Tensor, Tensor]]):
+    """Per layer keys/values of two equally long caches, stacked along the batch."""
+    if not top or not bottom:
+        return top or bottom
+    return [(torch.cat([k1, k2.to(k1.device)]), torch.cat([v1, v2.to(v1.device)]))
+            for (k1, v1), (k2, v2) in zip(top, bottom, strict=True)]
+
+
 class ModelState:
     """Batched decoding state of one model (see module docstring)."""
 
@@ -119,7 +129,11 @@ class ModelState:
     # ------------------------------------------------------------------ feeding tokens
     @classmethod
     def empty(cls, model, batch: int, *, use_cache: bool = True) -> ModelState:
-        """A state of ``batch`` rows holding nothing yet (``ids``/``mask`` ``[B, 0]``)."""
+        """A state of ``batch`` rows holding nothing yet (``ids``/``mask`` ``[B, 0]``).
+        A model with its own state class (``decodekit.llamacpp``) gets one of those."""
+        own = getattr(model, "state_class", None)
+        if own is not None and not issubclass(cls, own):
+            return own.empty(model, batch, use_cache=use_cache)
         ids = torch.zeros((batch, 0), dtype=torch.long, device=model.device)
         return cls(model, ids, ids.clone(), DynamicCache() if use_cache else None, use_cache)
 
@@ -255,6 +269,48 @@ class ModelState:
                           self.use_cache)
         fork.forwards = self.take_forwards()
         return fork
+
+    def add_rows(self, other: ModelState) -> None:
+        """Append the rows of ``other`` (a state of the same model, e.g. a freshly prefilled
+        request) below this state's rows, in place: continuous batching. The shorter of the
+        two is left padded to the common length (mask 0, zero keys/values), so every row keeps
+        its positions and attention. ``other`` must not be used afterwards; its forwards not
+        yet taken (``take_forwards``) move along, so take each side's first to credit its rows."""
+        if other.use_cache != self.use_cache or other.model is not self.model:
+            raise ValueError("add_rows needs a state of the same model and the same use_cache")
+        width = max(self.length, other.length)
+        kv = None
+        if self.use_cache:
+            kv = _join_caches(self._padded_kv(width, other), other._padded_kv(width, self))
+        ids_a, mask_a = self._padded_ids(width)
+        ids_b, mask_b = other._padded_ids(width)
+        self.ids = torch.cat([ids_a, ids_b.to(ids_a.device)])  # [B + B', W]
+        self.mask = torch.cat([mask_a, mask_b.to(mask_a.device)])  # [B + B', W]
+        self.dense = bool(self.mask.all())
+        if kv is not None:
+            self.cache = _cache_from_tensors(kv) if kv else DynamicCache()
+        self.forwards += other.forwards
+        self.credited += other.credited
+
+    def _padded_ids(self, width: int) -> tuple[Tensor, Tensor]:
+        """``ids, mask [B, width]``: this state's columns with ``width - length`` in front."""
+        pad = width - self.length
+        zeros = torch.zeros((self.batch_size, pad), dtype=torch.long, device=self.ids.device)
+        return torch.cat([zeros, self.ids], dim=1), torch.cat([zeros, self.mask], dim=1)
+
+    def _padded_kv(self, width: int, like: ModelState) -> list[tuple[Tensor, Tensor]]:
+        """Per layer ``(keys, values) [B, H, width, D]``, left padded with zeros; a state that
+        holds nothing yet takes its shapes from ``like`` (empty list if neither holds a column)."""
+        layers = _cache_tensors(self.cache) if self.length else []
+        if not layers:
+            if not like.length:
+                return []
+            return [(k.new_zeros((self.batch_size, k.shape[1], width, k.shape[3])),
+                     v.new_zeros((self.batch_size, v.shape[1], width, v.shape[3])))
+                    for k, v in _cache_tensors(like.cache)]
+        pad = width - self.length
+        return [(torch.nn.functional.pad(k, (0, 0, pad, 0)), torch.nn.functional.pad(v, (0, 0, pad, 0)))
+                for k, v in layers]
 
     def compact(self) -> None:
         """Remove holes: move each row's real tokens to the right (more left padding).
