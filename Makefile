@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e '.[dev,bench,ray]'
+	$(PIP) install -q -e '.[dev,bench,ray,serve]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -299,6 +299,106 @@ def run_generate(args) -> int:
     return 0
 
 
+def build_serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching and a playground",
+                       description="Serve a model over the OpenAI API (/v1/chat/completions, "
+                                   "/v1/completions); every request may pick its decoding strategy.")
+    p.add_argument("--model", dest="model_path", default=None, help="the same as --model_path")
+    add_model_flags(p)
+    add_flag(p, "host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    add_flag(p, "port", type=int, default=8000)
+    add_flag(p, "max_batch_size", type=int, default=8, help="rows decoded together (default 8)")
+    add_flag(p, "max_queue", type=int, default=64, help="requests waiting before 429 (default 64)")
+    add_flag(p, "api_key", default=None, help="require Authorization: Bearer API_KEY on /v1 and /metrics")
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def _validate_serve_args(args) -> None:
+    """Everything ``serve`` can check before the model loads: the numbers, the model spec,
+    the serve extra, and that the port can be bound."""
+    import importlib.util
+    import socket
+
+    check_int("port", args.port, min_value=0, max_value=65535)
+    check_int("max_batch_size", args.max_batch_size, min_value=1)
+    check_int("max_queue", args.max_queue, min_value=1)
+    if not args.host:
+        raise DecodeKitError("--host must be an address such as 127.0.0.1")
+    if args.api_key is not None and not args.api_key.strip():
+        raise DecodeKitError("--api_key must not be empty")
+    _validate_model_args(args)
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DecodeKitError(f"serve needs {', '.join(missing)}: pip install 'decodekit[serve]'")
+    try:
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as exc:
+        raise DecodeKitError(f"--host/--port: cannot listen on {args.host}:{args.port} ({exc.strerror})") from None
+
+
+def run_serve(args) -> int:
+    _validate_serve_args(args)
+    from decodekit.serve.app import run
+
+    return run(args)
+
+
+def build_train_drafter_parser(sub) -> argparse.ArgumentParser:
+    from decodekit.eagle import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train-drafter", help="train an EAGLE-style draft head for a model (--drafter eagle:DIR)",
+                       description="Train an EAGLE-style draft head on the model's own answers.")
+    add_flag(p, "model", dest="model_path", default=None,
+             help="bundled model name, HF model dir or .gguf file (default: smollm2-135m-instruct)")
+    add_flag(p, "out", required=True, help="directory for model.safetensors + card.json")
+    add_flag(p, "device", default="auto", help="cpu | cuda | auto (default auto)")
+    add_flag(p, "dtype", default=None, help="float dtype of the target while collecting data (default bfloat16)")
+    add_flag(p, "draft_vocab", type=int, default=d.draft_vocab,
+             help="draft from the N most frequent generated tokens only (default: the full vocabulary)")
+    add_flag(p, "num_prompts", type=int, default=d.num_prompts, help=f"training prompts (default {d.num_prompts})")
+    add_flag(p, "max_new_tokens", type=int, default=d.max_new_tokens,
+             help=f"tokens the model answers each prompt with (default {d.max_new_tokens})")
+    add_flag(p, "epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})")
+    add_flag(p, "steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    add_flag(p, "batch_size", type=int, default=d.batch_size, help=f"sequences per step (default {d.batch_size})")
+    add_flag(p, "lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
+    add_flag(p, "seed", type=int, default=d.seed)
+    add_flag(p, "eval_prompts", type=int, default=d.eval_prompts,
+             help=f"held-out chat-suite prompts the card's acceptance is measured on (default {d.eval_prompts})")
+    add_flag(p, "resume", action="store_true", help="continue an unfinished --out (a finished one is kept)")
+    add_flag(p, "overwrite", action="store_true", help="replace the head in a non-empty --out")
+    p.set_defaults(func=run_train_drafter)
+    return p
+
+
+def run_train_drafter(args) -> int:
+    from pathlib import Path
+
+    from decodekit.eagle import TrainConfig, check_out_dir, train_drafter
+    from decodekit.models import DTYPES, check_model_spec, load_model, resolve_device
+
+    cfg = TrainConfig(draft_vocab=args.draft_vocab, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                      epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      eval_prompts=args.eval_prompts)
+    cfg.validate()
+    if args.dtype is not None:
+        check_choice("dtype", args.dtype, [d for d in DTYPES if not d.startswith("int")])
+    resolve_device(args.device)
+    check_model_spec(args.model_path, param="model")
+    out = Path(args.out).expanduser()
+    check_out_dir(out, args.resume, args.overwrite)
+    model, tokenizer = load_model(args.model_path, dtype=args.dtype, device=args.device)
+    card = train_drafter(model, tokenizer, out, cfg, target=args.model_path or "smollm2-135m-instruct",
+                         resume=args.resume)
+    ev = card.get("evaluation", {})
+    print(f"draft head in {out} ({card['wall_seconds']} s); acceptance by depth "
+          f"{ev.get('acceptance_by_depth')}, mean accepted length {ev.get('mean_accepted_length')}", file=sys.stderr)
+    return 0
+
+
 def _mount(sub, name: str, module: str, help_text: str) -> None:
     """Subcommands living in their own module: ``add_arguments(parser)`` + ``run(args)``."""
     try:
@@ -337,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_generate_parser(sub)
     _mount(sub, "refine", "decodekit.demo", "iterative block refinement demo (the seed's CLI)")
     _mount(sub, "bench", "decodekit.bench", "benchmark every strategy side by side")
+    build_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,286 @@
+"""The HTTP server: OpenAI-compatible endpoints over one ``Engine`` (continuous batching).
+
+``create_app(engine, tokenizer, model_id)`` builds the FastAPI app:
+
+* ``POST /v1/chat/completions``, ``POST /v1/completions``: OpenAI bodies plus a ``decoding``
+  extension object (``protocol``); ``stream: true`` answers with server-sent events in OpenAI's
+  chunk format, ending ``data: [DONE]``;
+* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /`` (the playground).
+
+Bad input is a 400 with OpenAI's error body naming the field (``param``); a full queue is a
+429; a client that goes away mid-request has its rows cancelled (``Handle.cancel``). With an
+``api_key``, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>`` (401 otherwise).
+The engine calls back from its own thread; ``EventQueue`` hands its events to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from decodekit.serve import metrics as prom
+from decodekit.serve.protocol import (
+    FieldError,
+    Parsed,
+    error_body,
+    error_param,
+    parse_chat,
+    parse_completion,
+)
+from decodekit.serve.protocol import Response as Answer
+from decodekit.validation import DecodeKitError
+
+__all__ = ["create_app", "BackgroundServer", "EventQueue"]
+
+PROTECTED = ("/v1/", "/metrics")
+DISCONNECT_POLL_S = 0.5
+
+
+class EventQueue:
+    """``on_event`` for ``Engine.submit``: called from the engine thread, read in the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def __call__(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop closed (server shutting down): nobody is listening
+            pass
+
+    async def events(self, n: int):
+        """Events until every one of the ``n`` choices is done or the request failed."""
+        done = 0
+        while done < n:
+            event = await self.queue.get()
+            yield event
+            if _kind(event) == "error":
+                return
+            done += _kind(event) == "done"
+
+
+def _kind(event) -> str:
+    if hasattr(event, "token_ids"):
+        return "token"
+    return "done" if hasattr(event, "finish_reason") else "error"
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, param, kind, code), status_code=status)
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+class Server:
+    """The app's state and handlers: one engine, its tokenizer and the model's name."""
+
+    def __init__(self, engine, tokenizer, model_id: str, context: int | None, api_key: str | None):
+        self.engine, self.tokenizer, self.model_id = engine, tokenizer, model_id
+        self.context, self.api_key = context, api_key
+        self.http = prom.HttpCounters()
+
+    def authorized(self, request: Request) -> bool:
+        if not self.api_key or not request.url.path.startswith(PROTECTED):
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+
+    async def complete(self, request: Request, parse) -> Response:
+        """Parse, check and submit one request; answer streaming or whole."""
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the body must be a JSON object")
+        origins = {}
+        try:
+            parsed: Parsed = await run_in_threadpool(parse, body, self.tokenizer, self.model_id)
+            origins = parsed.origins
+            self._check_room(parsed)
+            return await self._submit(request, parsed)
+        except DecodeKitError as exc:
+            message = str(exc)
+            param = exc.param if isinstance(exc, FieldError) else error_param(message, origins)
+            code = "model_not_found" if param == "model" and message.startswith("model must be") else None
+            return _error(404 if code else 400, message, param, code=code)
+
+    def _check_room(self, parsed: Parsed) -> None:
+        length = len(parsed.prompt_ids)
+        if self.context is not None and length >= self.context:
+            raise DecodeKitError(f"prompt is {length} tokens; the model's context is {self.context} "
+                                 "tokens (prompt length must be below it)")
+
+    async def _submit(self, request: Request, parsed: Parsed) -> Response:
+        from decodekit.serve.engine import EngineRequest, QueueFull
+
+        events = EventQueue(asyncio.get_running_loop())
+        try:
+            handle = self.engine.submit(EngineRequest(parsed.prompt_ids, parsed.params), events)
+        except QueueFull as exc:
+            return _error(429, f"the server is busy ({exc}); retry later", kind="rate_limit_error",
+                          code="queue_full")
+        answer = Answer(parsed, self.tokenizer)
+        if parsed.stream:
+            return StreamingResponse(self._stream(parsed, answer, events, handle),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await self._whole(request, parsed, answer, events, handle)
+
+    async def _stream(self, parsed: Parsed, answer: Answer, events: EventQueue, handle):
+        """SSE chunks; a client that disconnects (the generator is closed) cancels its rows."""
+        finished = False
+        try:
+            async for event in events.events(parsed.n):
+                kind = _kind(event)
+                if kind == "error":
+                    yield _sse(error_body(event.message, kind="server_error"))
+                    break
+                yield _sse(answer.token_chunk(event) if kind == "token" else answer.done_chunk(event))
+            finished = True
+            if parsed.include_usage:
+                yield _sse(answer.usage_chunk())
+            yield _sse("[DONE]")
+        finally:
+            if not finished:
+                handle.cancel()
+
+    async def _whole(self, request: Request, parsed: Parsed, answer: Answer, events: EventQueue, handle):
+        """Wait for every choice; poll for a client that went away meanwhile."""
+        remaining = parsed.n
+        while remaining:
+            try:
+                event = await asyncio.wait_for(events.queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    handle.cancel()
+                    return Response(status_code=499)
+                continue
+            kind = _kind(event)
+            if kind == "error":
+                return _error(500, event.message, kind="server_error")
+            if kind == "token":
+                answer.token_chunk(event)
+            else:
+                answer.done_chunk(event)
+                remaining -= 1
+        return JSONResponse(answer.body())
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
+                                            "owned_by": "decodekit"}]}
+
+
+def _playground() -> str:
+    return resources.files("decodekit.serve").joinpath("static/playground.html").read_text(encoding="utf-8")
+
+
+def create_app(engine, tokenizer, model_id: str, *, context: int | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over a started ``Engine`` (see the module docstring)."""
+    server = Server(engine, tokenizer, model_id, context, api_key)
+    app = FastAPI(title="decodekit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    routes = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"}
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if not server.authorized(request):
+            response = _error(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                              kind="invalid_request_error", code="invalid_api_key")
+        else:
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # one request's failure is its own
+                response = _error(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+        path = request.url.path
+        server.http.add(path if path in routes else "other", response.status_code)
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await server.complete(request, parse_chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server.complete(request, parse_completion)
+
+    @app.get("/v1/models")
+    async def models():
+        return server.models()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(prom.render(engine.metrics(), server.http), media_type=prom.CONTENT_TYPE)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(_playground())
+
+    return app
+
+
+class BackgroundServer:
+    """uvicorn in a daemon thread (tests, benchmarks): ``port=0`` picks a free port, read back
+    from ``.port`` once ``start()`` returns."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.host, self.port = host, port
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.host}:{self.port}")
+            time.sleep(0.05)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def run(args) -> int:
+    """``decodekit serve``: load the model, start the engine, serve until interrupted."""
+    import uvicorn
+
+    from decodekit.model_info import context_length
+    from decodekit.models import DEFAULT_MODEL, load_model
+    from decodekit.serve.engine import Engine
+
+    model, tokenizer = load_model(args.model_path, dtype=args.dtype, device=args.device,
+                                  trust_remote_code=args.trust_remote_code)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    engine.start()
+    model_id = args.model_path or DEFAULT_MODEL
+    app = create_app(engine, tokenizer, model_id, context=context_length(model), api_key=args.api_key)
+    print(f"decodekit serve: {model_id} on http://{args.host}:{args.port} (playground at /, "
+          f"OpenAI API at /v1)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.stop()
+    return 0
