@@ -50,7 +50,7 @@ from decodekit.validation import (
     normalize_eos,
 )
 
-__all__ = ["generate", "generate_super", "prepare_inputs"]
+__all__ = ["generate", "generate_super", "prepare_inputs", "build_request"]
 
 
 _SHAPES = "shape [T] or [B, T] (a tensor, a list of token ids, or a list of lists of them)"
@@ -253,6 +253,45 @@ def generate(
     history processors (``repetition_penalty``...). ``logprobs=N`` fills ``output.logprobs``.
     Returns a ``GenerationOutput`` with the new tokens and per-request stats.
     """
+    chosen, opts, request = build_request(
+        model, input_ids, attention_mask, strategy=strategy, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, logits_processor=logits_processor,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_strings=stop_strings,
+        logprobs=logprobs, tokenizer=tokenizer, streamer=streamer, use_cache=use_cache, debug=debug, **options)
+    was_training = model.training
+    model.eval()
+    try:
+        return chosen.decode(request, opts)
+    finally:
+        model.train(was_training)
+
+
+def build_request(
+    model,
+    input_ids,
+    attention_mask: Tensor | None = None,
+    *,
+    strategy: str = "greedy",
+    max_new_tokens: int = 64,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    logits_processor: LogitsProcessor | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_strings: str | Sequence[str] | None = None,
+    logprobs: int | None = None,
+    tokenizer=None,
+    streamer=None,
+    use_cache: bool = True,
+    debug: bool = False,
+    **options,
+) -> tuple[Strategy, object, DecodeRequest]:
+    """Everything ``generate`` checks and builds before decoding, without a forward: the
+    strategy record, its validated options and the ``DecodeRequest`` (same arguments as
+    ``generate``; bad input raises ``DecodeKitError``). ``decodekit.serve`` validates and
+    starts requests with it."""
     chosen = get_strategy(strategy)
     knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     opts = build_options(strategy, {k: v for k, v in options.items() if k not in PROCESSOR_OPTIONS}, knobs)
@@ -278,12 +317,7 @@ def generate(
         pad_token_id=pad_token_id, generator=_generator(seed, model), tokenizer=tokenizer, use_cache=use_cache,
         debug=debug, shared=shared,
     )
-    was_training = model.training
-    model.eval()
-    try:
-        return chosen.decode(request, opts)
-    finally:
-        model.train(was_training)
+    return chosen, opts, request
 
 
 def generate_super(

@@ -95,6 +95,13 @@ class DraftPolicy:
     def select_rows(self, index: Tensor) -> None:
         """Finished rows left the batch: keep rows ``index [B']``."""
 
+    def add_rows(self, other: DraftPolicy) -> None:
+        """Continuous batching: the rows of ``other`` (the same policy, started for the joining
+        rows) come after ours. Policies with per-row state override this; the rest keep their
+        batch-wide state."""
+        if type(other) is not type(self):
+            raise ValueError(f"draft policy {self.name!r} cannot take rows of policy {other.name!r}")
+
 
 class FixedPolicy(DraftPolicy):
     """Always ``gamma`` drafts."""
@@ -186,13 +193,26 @@ class EgagPolicy(DraftPolicy):
             return g
         if self.ema is None:
             self.ema = g.float()
-        else:
-            self.ema = self.beta * self.ema + (1.0 - self.beta) * g.float()
+        else:  # rows that joined the batch since (NaN) start from their g
+            ema = self.beta * self.ema + (1.0 - self.beta) * g.float()
+            self.ema = torch.where(self.ema.isnan(), g.float(), ema)
         return torch.round(self.ema).long()
 
     def select_rows(self, index: Tensor) -> None:
         if self.ema is not None:
             self.ema = self.ema.index_select(0, index.cpu())
+
+    def add_rows(self, other: DraftPolicy) -> None:
+        super().add_rows(other)
+        if self.ema is None and other.ema is None:
+            return
+        mine = self.ema if self.ema is not None else torch.full((self.rows_before_ema(),), float("nan"))
+        theirs = other.ema if other.ema is not None else torch.full((other.rows_before_ema(),), float("nan"))
+        self.ema = torch.cat([mine, theirs])
+
+    def rows_before_ema(self) -> int:
+        """Rows of a policy that has not chosen yet (its drafter's batch)."""
+        return self.drafter.state.batch_size
 
 
 # ---------------------------------------------------------------------------- cost model
@@ -420,6 +440,14 @@ class AdaptivePolicy(DraftPolicy):
         self.rows = [self.rows[i] for i in keep]
         self.shadow = [self.shadow[i] for i in keep]
         self.levels = [self.levels[i] for i in keep]
+
+    def add_rows(self, other: DraftPolicy) -> None:
+        super().add_rows(other)
+        self.rows += other.rows
+        self.shadow += other.shadow
+        self.levels += other.levels
+        if len(other.cost) > len(self.cost):  # a longer request may send longer drafts
+            self.cost = other.cost
 
 
 AcceptanceGate = AdaptivePolicy  # its first name (public since the n-gram strategies)

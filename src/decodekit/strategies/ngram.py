@@ -60,7 +60,10 @@ log = logging.getLogger(__name__)
 class _DeterministicDrafter(Drafter):
     """Shared part of the n-gram drafters: candidates per row -> ``Draft`` (q=None) with the
     evidence level of each row. Subclasses implement ``start_row``,
-    ``candidates(i, history, k) -> (level, tokens)`` and ``keep_rows``."""
+    ``candidates(i, history, k) -> (level, tokens)`` and ``keep_rows``, and name their per-row
+    lists in ``per_row``."""
+
+    per_row: tuple[str, ...] = ()
 
     def prefill(self, req: DecodeRequest) -> None:
         for i, row in enumerate(req.prompt_rows()):
@@ -82,6 +85,13 @@ class _DeterministicDrafter(Drafter):
     def keep_rows(self, keep: list[int]) -> None:
         """Subclasses: reindex their per-row state."""
 
+    def add_rows(self, other: Drafter) -> None:
+        """Continuous batching: ``other``'s rows (same drafter kind) come after ours."""
+        if type(other) is not type(self):
+            raise NotImplementedError(f"drafter {self.name!r} cannot take rows of drafter {other.name!r}")
+        for name in self.per_row:
+            getattr(self, name).extend(getattr(other, name))
+
 
 def _as_draft(drafts: list[list[int]], levels: list[int]) -> Draft:
     """Ragged per-row drafts (and their evidence levels) -> ``Draft`` as wide as the longest
@@ -99,6 +109,7 @@ class NgramDrafter(_DeterministicDrafter):
     """NASD: one n-gram storage per row, updated with every verified position."""
 
     name = "ngram"
+    per_row = ("storages", "counted", "fillers")
 
     def __init__(self, storage: INgramStorage, *, filler_top_k: int = 3, stop_if_unknown: bool = False,
                  share_storage: bool = False):
@@ -187,6 +198,7 @@ class PromptLookupDrafter(_DeterministicDrafter):
     """Prompt lookup: drafts copied from the row's own text after the longest suffix match."""
 
     name = "prompt_lookup"
+    per_row = ("index", "indexed")
 
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram

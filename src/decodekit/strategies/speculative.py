@@ -100,6 +100,12 @@ class Drafter:
     def select_rows(self, index: Tensor) -> None:
         """Finished rows left the batch: keep rows ``index [B']``."""
 
+    def add_rows(self, other: Drafter) -> None:
+        """Continuous batching: the rows of ``other`` (a drafter of the same kind, prefilled
+        for the joining rows) come after this drafter's rows. The base drafter keeps no rows."""
+        if type(other) is not type(self) or type(self) is not Drafter:
+            raise NotImplementedError(f"drafter {self.name!r} cannot take rows of a running batch")
+
     def step_cost(self, batch: int) -> float:
         """Seconds one drafting step costs for ``batch`` rows (the cost policy uses it)."""
         return 0.0
@@ -160,6 +166,32 @@ class _Run:
 
     def maybe_compact(self) -> None:
         maybe_compact(self.state)
+
+    def add_rows(self, other: _Run) -> None:
+        """Continuous batching: the active rows of ``other`` (a run of the same drafter kind
+        and policy, started with ``_begin`` on its own requests) join this batch between steps.
+        The tracker's rows are the caller's to join (``decodekit.serve``)."""
+        if self.trace is not None or other.trace is not None:
+            raise ValueError("runs that record a trace cannot take rows")
+        self.count_forwards()
+        other.count_forwards()
+        self.state.add_rows(other.state)
+        self.policy.add_rows(other.policy)  # before the drafter's (EGAG counts its rows)
+        self.drafter.add_rows(other.drafter)
+        self.rows += other.rows
+        self.last = torch.cat([self.last, other.last.to(self.last.device)])  # [B + B']
+
+
+def _begin(run: _Run, first_target: bool) -> None:
+    """Prefill the target, the drafter and the policy; with ``first_target`` the target's first
+    token is emitted (and rows it finishes leave)."""
+    _start(run, first_target)
+    run.drafter.prefill(run.req)
+    run.policy.start(run.req, run.drafter)
+    if first_target:
+        first = run.last.tolist()
+        finished = run.emit([[t] for t in first], [["target"]] * len(first), run.scores[:, None])
+        run.drop_finished(finished)
 
 
 def _start(run: _Run, first_target: bool) -> None:
@@ -278,13 +310,7 @@ def speculative_loop(
         policy = make_policy("fixed", gamma=policy)
     policy.check(drafter)  # before any forward
     run = _Run(req, drafter, policy, trace=show_drafts or req.debug)
-    _start(run, first_target)
-    drafter.prefill(req)
-    policy.start(req, drafter)
-    if first_target:
-        first = run.last.tolist()
-        finished = run.emit([[t] for t in first], [["target"]] * len(first), run.scores[:, None])
-        run.drop_finished(finished)
+    _begin(run, first_target)
     while not req.tracker.done:
         _step(run, skip_sample_adjustment)
     return req.tracker.result(debug=run.trace)
@@ -367,6 +393,20 @@ class ModelDrafter(Drafter):
         self.seen = [self.seen[i] for i in index.tolist()]
         if self._first is not None:
             self._first = self._first.index_select(0, index.to(self._first.device))
+
+    def add_rows(self, other: Drafter) -> None:
+        """The joining rows' drafter state (usually nothing fed yet: their prompts are pending)
+        comes after ours. First-draft logits computed for our rows but not used are dropped:
+        their last token is rolled back and fed again with the joining rows' pending tokens."""
+        if not isinstance(other, ModelDrafter) or other.model is not self.model:
+            raise NotImplementedError("only a drafter of the same draft model can take rows")
+        for drafter in (self, other):
+            if drafter._first is not None:
+                drafter.state.rollback(torch.ones(drafter.state.batch_size, dtype=torch.long))
+                drafter.seen = [s - 1 for s in drafter.seen]
+                drafter._first = None
+        self.state.add_rows(other.state)
+        self.seen += other.seen
 
     def step_cost(self, batch: int) -> float:
         from decodekit.strategies.draft_policy import forward_cost_curve
