@@ -179,6 +179,41 @@ class Server:
                                             "owned_by": "decodekit"}]}
 
 
+class Guard:
+    """Pure ASGI middleware (streams and client disconnects pass through untouched): the API
+    key, a 500 body for an unexpected exception (that request only), responses counted."""
+
+    def __init__(self, app, server: Server, routes: set[str]):
+        self.app, self.server, self.routes = app, server, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        path = request.url.path
+        status = {}
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if not self.server.authorized(request):
+                await _error(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                             code="invalid_api_key")(scope, receive, counted)
+                return
+            try:
+                await self.app(scope, receive, counted)
+            except Exception as exc:  # one request's failure is its own
+                if "code" in status:
+                    raise
+                await _error(500, f"internal error: {type(exc).__name__}: {exc}",
+                             kind="server_error")(scope, receive, counted)
+        finally:
+            self.server.http.add(path if path in self.routes else "other", status.get("code", 499))
+
+
 def _playground() -> str:
     return resources.files("decodekit.serve").joinpath("static/playground.html").read_text(encoding="utf-8")
 
@@ -191,19 +226,7 @@ def create_app(engine, tokenizer, model_id: str, *, context: int | None = None,
     app.state.server = server
     routes = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"}
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if not server.authorized(request):
-            response = _error(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                              kind="invalid_request_error", code="invalid_api_key")
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # one request's failure is its own
-                response = _error(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
-        path = request.url.path
-        server.http.add(path if path in routes else "other", response.status_code)
-        return response
+    app.add_middleware(Guard, server=server, routes=routes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -1,0 +1,70 @@
+"""The playground page in a real headless Chromium (Debian's ``chromium``, driven by
+Playwright; never a downloaded browser): two strategies stream side by side from the real
+server and bundled model, their tokens coloured by kind. Saves a screenshot to
+``benchmarks/results/playground.png``."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "playground.png"
+
+
+@pytest.fixture(scope="module")
+def server(real_model):
+    from decodekit.model_info import context_length
+    from decodekit.serve.app import BackgroundServer, create_app
+    from decodekit.serve.engine import Engine
+
+    model, tokenizer = real_model
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    engine.start()
+    running = BackgroundServer(create_app(engine, tokenizer, "smollm2-135m-instruct",
+                                          context=context_length(model))).start()
+    yield running
+    running.stop()
+    engine.stop()
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="apt-get install -y chromium (see .ci/run)")
+def test_two_strategies_stream_side_by_side(server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/")
+        columns = page.locator(".col")
+        assert columns.count() == 2
+        assert columns.nth(0).locator("select").input_value() == "greedy"
+        assert columns.nth(1).locator("select").input_value() == "prompt_lookup"
+        page.fill("#prompt", "Repeat this sentence twice: the quick brown fox jumps over the lazy dog.")
+        page.fill("#max_tokens", "24")
+        page.click("#run")
+        for i in range(2):  # both finish: forwards/token is known once the final stats arrive
+            page.wait_for_function(
+                "i => /\\d\\.\\d\\d forwards\\/token/.test(document.querySelectorAll('.col')[i]"
+                ".querySelector('.stats').textContent)", arg=i, timeout=240_000)
+        greedy, lookup = columns.nth(0).locator(".tok"), columns.nth(1).locator(".tok")
+        assert greedy.count() > 5 and lookup.count() > 5
+        colours = {greedy.nth(0).evaluate("e => getComputedStyle(e).backgroundColor")}
+        kinds = set(lookup.evaluate_all("els => els.map(e => e.className)"))
+        assert "tok accepted" in kinds  # prompt lookup's accepted drafts are coloured apart
+        colours.add(lookup.locator(".accepted").first.evaluate("e => getComputedStyle(e).backgroundColor"))
+        assert len(colours) == 2
+        assert "logprob" in lookup.first.get_attribute("data-info")
+        assert "prompt_lookup" in columns.nth(1).locator(".stats").text_content()
+        assert greedy.all_text_contents() == lookup.all_text_contents()  # lossless, token for token
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        browser.close()
+    assert not errors, errors
