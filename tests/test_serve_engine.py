@@ -1,0 +1,227 @@
+"""The serving engine: continuous batching equals offline generate, cancel, failures, queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+
+import decodekit
+from decodekit.serve import DoneEvent, Engine, EngineRequest, ErrorEvent, QueueFull, TokenEvent
+from decodekit.validation import DecodeKitError
+
+from conftest import chat_batch, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPEATING = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10], [12, 13, 14, 15, 16, 17, 12, 13, 14]]
+
+
+class Collect:
+    """``on_event`` recording a request's events; ``wait()`` until every choice is done."""
+
+    def __init__(self, n: int = 1):
+        self.n = n
+        self.tokens: dict[int, list[int]] = defaultdict(list)
+        self.kinds: dict[int, list[str]] = defaultdict(list)
+        self.logprobs: dict[int, list[float]] = defaultdict(list)
+        self.top: dict[int, list] = defaultdict(list)
+        self.done: dict[int, DoneEvent] = {}
+        self.error: str | None = None
+        self.finished = threading.Event()
+
+    def __call__(self, event) -> None:
+        if isinstance(event, TokenEvent):
+            assert event.index not in self.done
+            self.tokens[event.index] += event.token_ids
+            self.kinds[event.index] += event.kinds
+            self.logprobs[event.index] += event.logprobs or []
+            self.top[event.index] += event.top_logprobs or []
+        elif isinstance(event, DoneEvent):
+            self.done[event.index] = event
+        else:
+            assert isinstance(event, ErrorEvent)
+            self.error = event.message
+        if self.error is not None or len(self.done) == self.n:
+            self.finished.set()
+
+    def wait(self, timeout: float = 120) -> Collect:
+        assert self.finished.wait(timeout), "request did not finish"
+        return self
+
+    def wait_tokens(self, n: int, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while len(self.tokens[0]) < n and not self.finished.is_set():
+            assert time.monotonic() < end, "no tokens"
+            time.sleep(0.002)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=3, layers=2)
+
+
+@pytest.fixture
+def engine(model):
+    eng = Engine(model, None, max_batch_size=8)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def offline(model, prompt, **params):
+    out = decodekit.generate(model, [prompt], **params)
+    return out.sequences[0], out
+
+
+def staggered(engine, prompts, params_list):
+    """Submit one request, wait for its first tokens, submit the next...: each joins the running batch."""
+    seen_batch, results = 1, []
+    for prompt, params in zip(prompts, params_list):
+        col = Collect()
+        engine.submit(EngineRequest(prompt, params), col)
+        col.wait_tokens(2)
+        seen_batch = max(seen_batch, engine.metrics()["batch_size"])
+        results.append(col)
+    for col in results:
+        col.wait()
+        assert col.error is None, col.error
+    return results, seen_batch
+
+
+@pytest.mark.parametrize("strategy, options", [
+    ("greedy", {}),
+    ("prompt_lookup", {"draft_policy": "fixed", "gamma": 3}),
+    ("ngram", {"draft_policy": "fixed", "gamma": 2}),
+    ("speculative", {"drafter": "layers:1", "gamma": 3}),
+])
+def test_staggered_rows_equal_offline_generate(model, engine, strategy, options):
+    """Rows join a running batch at different times, with different lengths and budgets; each
+    equals decodekit.generate for its prompt alone (batch of 1)."""
+    budgets = [40, 24, 12]
+    params = [dict(strategy=strategy, max_new_tokens=m, ignore_eos=True, **options) for m in budgets]
+    results, seen_batch = staggered(engine, REPEATING, params)
+    assert seen_batch >= 2  # the rows really shared a batch
+    for prompt, p, col in zip(REPEATING, params, results):
+        want, out = offline(model, prompt, **p)
+        assert col.tokens[0] == want
+        assert len(col.kinds[0]) == len(want) and len(col.logprobs[0]) == len(want)
+        stats = col.done[0].stats
+        assert stats["batched"] is True and stats["strategy"] == strategy
+        assert col.done[0].finish_reason == "length"
+    kinds = {k for col in results for k in col.kinds[0]}
+    assert kinds == {"plain"} if strategy == "greedy" else "accepted" in kinds
+    assert engine.metrics()["batch_size"] == 0
+
+
+def test_mixed_lanes_logprobs_and_seeded_sampling(model, engine):
+    """Greedy, seeded sampling and prompt lookup run at once in their lanes; seeded sampling is the
+    same as offline (its own generator); logprobs equal generate's."""
+    sample = dict(strategy="sample", temperature=0.8, seed=7, max_new_tokens=20, ignore_eos=True)
+    greedy = dict(strategy="greedy", max_new_tokens=16, logprobs=2, ignore_eos=True)
+    look = dict(strategy="prompt_lookup", max_new_tokens=16, ignore_eos=True)
+    cols = [Collect() for _ in range(4)]
+    engine.submit(EngineRequest(REPEATING[0], sample), cols[0])
+    engine.submit(EngineRequest(REPEATING[1], greedy), cols[1])
+    engine.submit(EngineRequest(REPEATING[2], look), cols[2])
+    engine.submit(EngineRequest(REPEATING[2], dict(sample, seed=8)), cols[3])
+    for col in cols:
+        assert col.wait().error is None
+    want, _ = offline(model, REPEATING[0], **sample)
+    assert cols[0].tokens[0] == want
+    want, out = offline(model, REPEATING[1], **greedy)
+    assert cols[1].tokens[0] == want
+    assert cols[1].logprobs[0] == pytest.approx([e["logprob"] for e in out.logprobs[0]], abs=1e-4)
+    assert [[t["token_id"] for t in top] for top in cols[1].top[0]] == \
+        [[t["token_id"] for t in e["top_logprobs"]] for e in out.logprobs[0]]
+    assert cols[2].tokens[0] == offline(model, REPEATING[2], **look)[0]
+    assert cols[3].tokens[0] == offline(model, REPEATING[2], **dict(sample, seed=8))[0]
+
+
+def test_n_samples_are_choices(engine):
+    col = Collect(n=2)
+    engine.submit(EngineRequest([5, 6, 7], dict(strategy="sample", num_return_sequences=2, max_new_tokens=6,
+                                                ignore_eos=True)), col)
+    col.wait()
+    assert sorted(col.done) == [0, 1] and all(len(col.tokens[i]) == 6 for i in (0, 1))
+
+
+def test_cancel_frees_the_row(model, engine):
+    long = Collect()
+    handle = engine.submit(EngineRequest([5, 6, 7], dict(max_new_tokens=200, ignore_eos=True)), long)
+    long.wait_tokens(3)
+    handle.cancel()
+    other = Collect()
+    engine.submit(EngineRequest([8, 9], dict(max_new_tokens=8, ignore_eos=True)), other)
+    other.wait()
+    assert other.tokens[0] == offline(model, [8, 9], max_new_tokens=8, ignore_eos=True)[0]
+    time.sleep(0.05)
+    assert not long.done and len(long.tokens[0]) < 200
+    metrics = engine.metrics()
+    assert metrics["batch_size"] == 0 and metrics["requests_running"] == 0
+
+
+def test_a_failing_request_does_not_stop_the_others(model, engine):
+    bad, good = Collect(), Collect()
+    engine.submit(EngineRequest([5, 6, 7], dict(strategy="speculative", drafter="layers:9")), bad)
+    engine.submit(EngineRequest([8, 9], dict(max_new_tokens=8, ignore_eos=True)), good)
+    assert "layers" in bad.wait().error
+    assert good.wait().error is None
+    assert good.tokens[0] == offline(model, [8, 9], max_new_tokens=8, ignore_eos=True)[0]
+
+
+def test_solo_strategy_reports_its_beams(model, engine):
+    col = Collect(n=2)
+    params = dict(strategy="beam", num_beams=2, num_return_sequences=2, max_new_tokens=6)
+    engine.submit(EngineRequest([5, 6, 7], params), col)
+    col.wait()
+    out = decodekit.generate(model, [[5, 6, 7]], **params)
+    assert [col.tokens[i] for i in (0, 1)] == out.sequences
+    stats = col.done[0].stats
+    assert stats["batched"] is False
+    assert [b["token_ids"] for b in stats["beams"]] == out.sequences
+
+
+def test_queue_full_and_check_errors_name_the_field(model):
+    engine = Engine(model, None, max_batch_size=2, max_queue=2)  # not started: requests wait
+    for _ in range(2):
+        engine.submit(EngineRequest([5, 6], {}), Collect())
+    with pytest.raises(QueueFull):
+        engine.submit(EngineRequest([5, 6], {}), Collect())
+    bad = [
+        ({"strategy": "nope"}, "strategy"),
+        ({"strategy": "prompt_lookup", "gamma": 0}, "gamma"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": 0.5}, "temperature"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"tokenizer": "x"}, "tokenizer"),
+    ]
+    for params, name in bad:
+        with pytest.raises(DecodeKitError, match=name):
+            engine.check(EngineRequest([5, 6], params))
+    with pytest.raises(DecodeKitError, match="context"):
+        engine.check(EngineRequest(list(range(4, 90)) * 3, {}))
+    assert engine.metrics()["requests_total"] == 2
+    engine.stop()
+
+
+@pytest.mark.slow
+def test_real_model_staggered_greedy_equals_offline(real_model):
+    model, tok = real_model
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.", "hi"]
+    rows = []
+    for p in prompts:
+        ids, mask = chat_batch(tok, [p])
+        rows.append(ids[0][mask[0].bool()].tolist())
+    engine = Engine(model, tok, max_batch_size=4)
+    engine.start()
+    try:
+        results, seen = staggered(engine, rows, [dict(max_new_tokens=24)] * 4)
+    finally:
+        engine.stop()
+    assert seen >= 2
+    for row, col in zip(rows, results):
+        assert col.tokens[0] == decodekit.generate(model, [row], max_new_tokens=24).sequences[0]
