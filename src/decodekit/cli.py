@@ -256,8 +256,26 @@ def _validate_model_args(args) -> None:
     resolve_device(args.device)
     check_model_spec(args.model_path, param="model_path")
     drafter = getattr(args, "drafter", None)
-    if drafter is not None and not drafter.strip().startswith("layers"):  # layers:N: checked by the strategy
+    from decodekit.strategies.speculative import is_eagle_spec
+
+    if is_eagle_spec(drafter):
+        _check_eagle_dir(drafter.strip())
+    elif drafter is not None and not drafter.strip().startswith("layers"):  # layers:N: checked by the strategy
         check_model_spec(drafter, param="drafter")
+
+
+def _check_eagle_dir(spec: str) -> None:
+    """``eagle:DIR`` must hold a trained head (``eagle``: checked against the model once loaded)."""
+    from pathlib import Path
+
+    from decodekit.strategies.eagle import CARD_FILE, HEAD_FILE
+
+    if spec == "eagle":
+        return
+    folder = Path(spec[len("eagle:"):]).expanduser()
+    if not (folder / HEAD_FILE).is_file() or not (folder / CARD_FILE).is_file():
+        raise DecodeKitError(f"drafter {spec!r}: {str(folder)!r} holds no trained head ({HEAD_FILE} + "
+                             f"{CARD_FILE}; make one with `decodekit train-drafter`)")
 
 
 def run_generate(args) -> int:
@@ -435,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     build_generate_parser(sub)
+    build_train_drafter_parser(sub)
     _mount(sub, "refine", "decodekit.demo", "iterative block refinement demo (the seed's CLI)")
     _mount(sub, "bench", "decodekit.bench", "benchmark every strategy side by side")
     build_serve_parser(sub)

@@ -449,9 +449,15 @@ def _check_tokenizers(target_tok, draft_tok) -> None:
                              "the same vocabulary (same token ids)")
 
 
+def is_eagle_spec(drafter) -> bool:
+    """``"eagle"`` (the shipped head) or ``"eagle:DIR"`` (a head from ``train-drafter``)."""
+    return isinstance(drafter, str) and (drafter.strip() == "eagle" or drafter.strip().startswith("eagle:"))
+
+
 def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
-    """``drafter``: a ``Drafter``, a causal LM, ``"layers:N"`` or a model spec for
-    ``load_model`` (bundled name, directory, .gguf). Checks vocabulary and device."""
+    """``drafter``: a ``Drafter``, a causal LM, ``"layers:N"``, ``"eagle"`` / ``"eagle:DIR"``
+    (a trained draft head, ``strategies/eagle.py``) or a model spec for ``load_model``
+    (bundled name, directory, .gguf). Checks vocabulary and device."""
     if isinstance(drafter, Drafter):
         return drafter
     if isinstance(drafter, str):
@@ -460,6 +466,10 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
             return ModelDrafter(early_exit_model(req.model, int(match.group(1))))
         if drafter.startswith("layers"):
             raise DecodeKitError(f"drafter {drafter!r}: write layers:N with N a number of layers")
+        if is_eagle_spec(drafter):
+            from decodekit.strategies.eagle import resolve_eagle
+
+            return resolve_eagle(drafter.strip(), req.model)
         from decodekit.models import load_model
 
         dtype = next(req.model.parameters()).dtype
@@ -487,8 +497,9 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
 class SpeculativeOptions(DraftOptions):
     """Options of strategy ``"speculative"``."""
 
-    drafter: object = option(None, "draft model: bundled name, HF dir, .gguf, a loaded model, or "
-                             "layers:N (self-speculative: the target's first N layers)", "any", parse=str)
+    drafter: object = option(None, "draft model: bundled name, HF dir, .gguf, a loaded model, "
+                             "layers:N (self-speculative: the target's first N layers), or eagle / "
+                             "eagle:DIR (a trained draft head)", "any", parse=str)
     first_target: bool = option(True, "the first token of a step comes from the target", bool)
     skip_sample_adjustment: bool = option(False, "resample from p on rejection (LOSSY)", bool)
     show_drafts: bool = option(False, "record accepted drafts and target tokens for display", bool)
