@@ -1,6 +1,6 @@
 """decodekit: every major LLM decoding strategy on any Hugging Face causal LM."""
 
-from decodekit.api import generate, generate_super, prepare_inputs
+from decodekit.api import build_request, generate, generate_super, prepare_inputs
 from decodekit.cache import ModelState, left_pad, prune_cache
 from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
 from decodekit.io import encode_prompts, load_prompts
@@ -48,6 +48,7 @@ from decodekit.seed import (
     ngram_assisted_speculative_generate,
     speculative_generate,
 )
+from decodekit.serve.engine import Engine, EngineRequest
 from decodekit.strategies import STRATEGIES
 from decodekit.strategies.beam import format_beam_trace
 from decodekit.strategies.eis import format_eis_trace
@@ -63,6 +64,9 @@ __all__ = [
     "generate",
     "generate_super",
     "prepare_inputs",
+    "build_request",
+    "Engine",
+    "EngineRequest",
     "encode_prompts",
     "IncrementalDetokenizer",
     "TextCallbackStreamer",
