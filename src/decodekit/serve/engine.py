@@ -561,8 +561,8 @@ class Engine:
                 continue
             try:
                 self._run_solo(job)
-            except _Cancelled:
-                job.close()
+            except _Cancelled:  # its client went away, or the engine is stopping
+                job.fail("the engine stopped") if not job.cancelled else job.close()
             except Exception as exc:
                 log.exception("request failed")
                 job.fail(_message(exc))
