@@ -224,7 +224,7 @@ def test_shipped_head_matches_its_card():
 @pytest.mark.parametrize("batch", [1, 4])
 def test_shipped_head_greedy_identical_on_the_bundled_model(real_model, batch):
     model, tok = real_model
-    prompts = CHAT_PROMPTS[:8]
+    prompts = CHAT_PROMPTS[:4]  # 4 prompts (each batch size): the bundled model is slow on a shared CPU
     for start in range(0, len(prompts), batch):
         ids, mask = chat_batch(tok, prompts[start: start + batch])
         want = generate(model, ids, mask, strategy="greedy", max_new_tokens=32).sequences

@@ -3,6 +3,7 @@
 from decodekit.api import build_request, generate, generate_super, prepare_inputs
 from decodekit.cache import ModelState, left_pad, prune_cache
 from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
+from decodekit.eagle import TrainConfig, train_drafter
 from decodekit.io import encode_prompts, load_prompts
 from decodekit.model_info import context_length, default_eos_pad, vocab_size
 from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, DTYPES, check_model_spec, load_model
@@ -51,6 +52,7 @@ from decodekit.seed import (
 from decodekit.serve.engine import Engine, EngineRequest
 from decodekit.strategies import STRATEGIES
 from decodekit.strategies.beam import format_beam_trace
+from decodekit.strategies.eagle import EagleDrafter, EagleHead, load_head
 from decodekit.strategies.eis import format_eis_trace
 from decodekit.strategies.ngram import AcceptanceGate, NgramDrafter, PromptLookupDrafter
 from decodekit.strategies.refine import decode_jacobi, decode_refine, format_refine_trace
@@ -119,6 +121,11 @@ __all__ = [
     "speculative_generate",
     "Draft",
     "Drafter",
+    "EagleHead",
+    "EagleDrafter",
+    "load_head",
+    "train_drafter",
+    "TrainConfig",
     "max_fn",
     "beam_search_generate",
     "format_beam_trace",
