@@ -77,8 +77,9 @@ def test_expected_tokens():
 
 def _policy_with_curve(points: dict[int, float], gmax=8, draft_cost=0.0):
     policy = CostPolicy(1, gmax)
-    policy.curve = CostCurve()
-    policy.curve.points.update(points)
+    curve = CostCurve()
+    curve.points.update(points)
+    policy.cost = lambda n, batch: curve(n * batch)  # t(n, B) as B * n tokens of one row
 
     class D:
         def step_cost(self, batch):

@@ -168,6 +168,35 @@ def test_drafter_reuses_the_targets_hidden_states_exactly(first_target):
         torch.testing.assert_close(feats, offline[row][len(history) - 2], atol=1e-4, rtol=1e-4)
 
 
+def test_drafter_takes_rows_of_a_running_batch():
+    """Continuous batching: after ``add_rows`` every row drafts from the same features as a
+    drafter of its own."""
+    from decodekit.api import build_request
+    from decodekit.cache import left_pad
+
+    model = tiny_llama(0, layers=2)
+    torch.manual_seed(5)
+    head = EagleHead(model).eval()
+
+    def prefilled(rows):
+        ids, mask = left_pad(rows, 0)
+        req = build_request(model, ids, mask, max_new_tokens=4)[2]
+        drafter = Recording(model, head)  # hooks the target's final norm
+        req.prefill()  # the target's prefill: the drafter takes its hidden states
+        drafter.prefill(req)
+        assert all(len(p) for p in drafter.pending)
+        return drafter
+
+    running = prefilled(ROWS[:2])
+    running.add_rows(prefilled(ROWS[2:]))
+    with torch.inference_mode():
+        running.propose([r + [7] for r in ROWS], 2)
+        for b, row in enumerate(ROWS):
+            alone = prefilled([row])
+            alone.propose([row + [7]], 2)
+            torch.testing.assert_close(running.log[b][1], alone.log[0][1], atol=1e-4, rtol=1e-4)
+
+
 def test_greedy_identical_batch_1_and_ragged_4_with_a_draft_vocabulary():
     model = tiny_llama(0, layers=3)
     want = _greedy(model, ROWS, 24)

@@ -28,6 +28,7 @@ def _greedy(model, rows, n=20, **kw):
 
 def _spec(model, rows, n=20, **kw):
     kw.setdefault("eos_token_id", [])
+    kw.setdefault("draft_policy", "fixed")  # the loop's mechanics: gamma drafts every step
     return generate(model, rows, strategy="speculative", max_new_tokens=n, **kw)
 
 

@@ -129,8 +129,9 @@ def speculative_generate(
 ) -> tuple[list[int], float]:
     """Seed API: one prompt (token ids) -> (generated ids, acceptance rate).
 
-    ``logits_processor`` defaults to ``GreedyProcessor()``; ``use_egag`` selects the EGAG
-    policy. The acceptance rate is accepted / drafted (0.0 when nothing was drafted).
+    ``logits_processor`` defaults to ``GreedyProcessor()``; ``gamma`` drafts every step
+    (``draft_policy="fixed"``, as the seed did; ``generate`` defaults to ``"cost"``);
+    ``use_egag`` selects the EGAG policy. The acceptance rate is accepted / drafted (0.0 when nothing was drafted).
     """
     out = generate(
         target, [list(inputs)], strategy="speculative", drafter=drafter, tokenizer=tokenizer,
@@ -163,14 +164,14 @@ def ngram_assisted_speculative_generate(
     """Seed API: one prompt (token ids) -> (generated ids, acceptance rate).
 
     ``ngramstorage`` is initialised with the prompt and updated as tokens are verified
-    (it keeps its counts afterwards). ``logits_processor`` defaults to ``GreedyProcessor()``.
+    (it keeps its counts afterwards). ``gamma`` drafts every step (``draft_policy="fixed"``). ``logits_processor`` defaults to ``GreedyProcessor()``.
     The acceptance rate is accepted / drafted (0.0 when nothing was drafted).
     """
     if not isinstance(ngramstorage, INgramStorage):
         raise DecodeKitError(f"ngramstorage must be an INgramStorage, got {type(ngramstorage).__name__}")
     out = generate(
         target, [list(inputs)], strategy="ngram", storage=ngramstorage, ngram_n=ngramstorage.n,
-        tokenizer=tokenizer, gamma=gamma, filler_top_k=filler_top_k,
+        tokenizer=tokenizer, gamma=gamma, draft_policy="fixed", filler_top_k=filler_top_k,
         logits_processor=logits_processor if logits_processor is not None else GreedyProcessor(),
         max_new_tokens=max_gen_len, eos_token_id=eos_tokens_id, pad_token_id=pad_token_id,
         use_cache=use_cache, first_target=first_target, stop_if_unknown=stop_if_unknown, debug=debug,

@@ -20,12 +20,15 @@ The policies (``POLICIES``):
   an unsure one short. The drafter forward that produced those probabilities is reused as
   the first draft step (``ModelDrafter.first_logits``), so EGAG costs no extra forward.
   Needs a drafter with probabilities (a draft model).
-* ``cost``: one ``k`` for the batch that maximises expected tokens per second, from the
-  measured cost of a target forward with ``n`` tokens on this machine and the running
-  acceptance (see ``CostPolicy``).
-* ``adaptive``: per row and per *evidence level* of the drafter (``Draft.evidence``: prompt
-  lookup's match length, the n-gram order; one level for a draft model) the ``k`` that
-  maximises expected tokens per second of one row, possibly 0 (see ``AdaptivePolicy``).
+* ``cost`` (the default of ``decodekit.generate``'s speculative strategy): one ``k`` for the
+  batch that maximises expected tokens per second, from the measured cost of a target
+  forward of ``B`` rows with ``n`` tokens each on this machine (``VerifyCost``, measured for
+  the batch size in use), the drafter's cost and the running acceptance; ``k = 0`` (plain
+  greedy) whenever drafting cannot pay (see ``CostPolicy``).
+* ``adaptive`` (the default of ``ngram`` / ``prompt_lookup``): per row and per *evidence
+  level* of the drafter (``Draft.evidence``: prompt lookup's match length, the n-gram order;
+  one level for a draft model) an acceptance estimate; one draft width for the batch that
+  maximises the batch's expected tokens per second, possibly 0 (see ``AdaptivePolicy``).
 
 ``cost`` and ``adaptive`` estimate the per-token acceptance with the same estimator,
 ``Acceptance``.
@@ -34,7 +37,6 @@ The policies (``POLICIES``):
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, replace
 
@@ -53,10 +55,12 @@ __all__ = [
     "AcceptanceGate",
     "Acceptance",
     "CostCurve",
+    "VerifyCost",
     "POLICIES",
     "GAMMA_LIMIT",
     "make_policy",
     "forward_cost_curve",
+    "batch_bucket",
     "expected_tokens",
     "egag_gamma",
     "DraftOptions",
@@ -217,7 +221,8 @@ class EgagPolicy(DraftPolicy):
 
 # ---------------------------------------------------------------------------- cost model
 class CostCurve:
-    """Measured seconds of one forward with ``n`` new tokens; linear in between points."""
+    """Measured seconds of one forward with ``n`` new tokens per row (one batch size); linear
+    in between points (``n`` may be fractional)."""
 
     def __init__(self):
         self.points: dict[int, float] = {}
@@ -242,7 +247,7 @@ class CostCurve:
 
 
 _GRID = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
-_CURVES: dict[tuple, CostCurve] = {}  # measured once per model/dtype/device, in memory
+_CURVES: dict[tuple, CostCurve] = {}  # (model key, batch size) -> curve, measured once, in memory
 
 
 def _model_key(model) -> tuple:
@@ -258,52 +263,91 @@ def _model_key(model) -> tuple:
 
 
 @torch.inference_mode()
-def forward_cost_curve(model, max_tokens: int, *, context: int = 64, repeats: int = 3) -> CostCurve:
-    """Seconds of one cached forward of ``n`` new tokens (batch 1, after ``context`` tokens)
-    for ``n`` on a grid up to ``max_tokens``: the median of ``repeats`` timed runs.
+def forward_cost_curve(model, max_tokens: int, *, batch: int = 1, context: int = 64,
+                       repeats: int = 3) -> CostCurve:
+    """Seconds of one cached forward of ``batch`` rows with ``n`` new tokens each (after
+    ``context`` tokens) for ``n`` on a grid up to ``max_tokens``.
 
-    Measured once per model/dtype/device and kept in memory; asking for a larger
-    ``max_tokens`` later measures only the missing points.
+    Measured once per model/dtype/device and batch size and kept in memory; asking for a
+    larger ``max_tokens`` later measures only the missing points. The machine may be shared
+    and noise only ever adds time, so the sizes are timed in turn (``repeats`` rounds) and
+    each keeps its fastest run; a point is then never above a larger size's (``monotone``).
     """
     from decodekit.cache import ModelState
 
-    curve = _CURVES.setdefault(_model_key(model), CostCurve())
+    from decodekit.model_info import vocab_size
+    curve = _CURVES.setdefault((_model_key(model), batch), CostCurve())
     todo = [n for n in _GRID if n < max_tokens and n not in curve.points]
     if max_tokens not in curve.points:
         todo.append(max_tokens)
     if not todo:
         return curve
-    vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    ctx = torch.randint(4, vocab, (1, context), generator=gen)
+    vocab = vocab_size(model)
+    ctx = torch.randint(4, vocab, (batch, context), generator=gen)
     state, _ = ModelState.prefill(model, ctx)
     state.extend(ctx[:, :1])  # warm-up
     state.crop(1)
-    for n in todo:
-        tokens = torch.randint(4, vocab, (1, n), generator=gen)
-        times = []
-        for _ in range(repeats):
+    inputs = {n: torch.randint(4, vocab, (batch, n), generator=gen) for n in todo}
+    times: dict[int, list[float]] = {n: [] for n in todo}
+    for _ in range(repeats):
+        for n, tokens in inputs.items():
             t0 = time.perf_counter()
             state.extend(tokens)
             if state.ids.device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            times[n].append(time.perf_counter() - t0)
             state.crop(n)
-        curve.points[n] = statistics.median(times)
+    curve.points.update({n: min(t) for n, t in times.items()})
+    _monotone(curve)
     return curve
 
 
 class CostPolicy(DraftPolicy):
+def _monotone(curve: CostCurve) -> None:
+    """A forward over more tokens never costs less: each point becomes the smallest time
+    measured at its size or above (noise on a shared machine only adds)."""
+    low = math.inf
+    for n in sorted(curve.points, reverse=True):
+        low = curve.points[n] = min(curve.points[n], low)
+
+
+def batch_bucket(batch: int) -> int:
+    """The batch size whose curve serves ``batch`` rows: the next power of two (1, 2, 4, ...)."""
+    return 1 << max(batch - 1, 0).bit_length()
+
+
+class VerifyCost:
+    """``t(n, B)``: seconds of one forward of ``B`` rows with ``n`` new tokens each.
+
+    Measured lazily for the batch sizes actually decoding (``forward_cost_curve``, cached per
+    model and batch size), in buckets of powers of two: ``B`` rows of the bucket ``B' >= B``
+    cost what ``B'`` rows of ``n * B / B'`` tokens cost (the matmuls see ``n * B`` tokens).
+    """
+
+    def __init__(self, model, max_tokens: int):
+        self.model, self.max_tokens = model, max_tokens
+        self.curves: dict[int, CostCurve] = {}  # bucket -> curve
+
+    def __call__(self, n: int, batch: int) -> float:
+        bucket = batch_bucket(batch)
+        curve = self.curves.get(bucket)
+        if curve is None:
+            curve = self.curves[bucket] = forward_cost_curve(self.model, self.max_tokens, batch=bucket)
+        return curve(n * batch / bucket)
+
+
     """Cost-aware draft length: maximise expected tokens per second.
 
     The model. One step with ``k`` drafts for a batch of ``B`` rows costs
 
-        T(k) = t_target(B * (k + 1)) + k * t_draft(B)
+        T(k) = t_target(k + 1, B) + k * t_draft(B)
 
-    where ``t_target(n)`` is the measured time of one target forward with ``n`` new tokens
-    (``forward_cost_curve``, batch 1; ``B`` rows of ``k + 1`` tokens go through the
-    matmuls like ``B * (k + 1)`` tokens of one row) and ``t_draft(B)`` the drafter's cost of
-    one drafting step (``Drafter.step_cost``: a forward of the draft model, ~0 for n-grams).
+    where ``t_target(n, B)`` is the measured time of one target forward of ``B`` rows with
+    ``n`` new tokens each (``VerifyCost``: measured for the batch size in use, since a
+    forward's cost grows with its tokens faster at batch 4 than at batch 1) and
+    ``t_draft(B)`` the drafter's cost of one drafting step (``Drafter.step_cost``: a
+    forward of the draft model, ~0 for n-grams).
     If every draft is accepted independently with probability ``a`` (``Acceptance``), the
     step emits ``E(k, a) = (1 - a^(k+1)) / (1 - a)`` tokens per row, so the policy picks
 
@@ -314,8 +358,8 @@ class CostPolicy(DraftPolicy):
 
     On a CPU ``t_target(n)`` is nearly flat for small ``n`` (reading the weights dominates)
     and then grows linearly (compute dominates); the knee of that curve and ``a`` decide
-    how long drafting pays. The cost curves are measured once per model/dtype/device
-    (about a second).
+    how long drafting pays. The cost curves are measured once per model/dtype/device and
+    batch size (about a second each).
     """
 
     name = "cost"
@@ -324,15 +368,14 @@ class CostPolicy(DraftPolicy):
         super().__init__(gamma_max)
         self.gamma_min, self.gamma_max = gamma_min, gamma_max
         self.estimate = Acceptance(**COST_ESTIMATE)
-        self.curve: CostCurve | None = None
+        self.cost: VerifyCost | None = None  # t_target(n, B)
         self.drafter = None
         self.last_choice: int | None = None
 
     def start(self, req, drafter) -> None:
         self.drafter = drafter
-        batch = req.input_ids.shape[0]
         self.gamma_max = min(self.gamma_max, max(req.max_new_tokens, self.gamma_min))  # longer is waste
-        self.curve = forward_cost_curve(req.model, batch * (self.gamma_max + 1))
+        self.cost = VerifyCost(req.model, self.gamma_max + 1)
 
     # the estimate's counts, readable and settable here
     accepted = property(lambda self: self.estimate.accepted,
@@ -345,7 +388,7 @@ class CostPolicy(DraftPolicy):
         return self.estimate.rate
 
     def tokens_per_second(self, k: int, batch: int) -> float:
-        seconds = self.curve(batch * (k + 1)) + k * self.drafter.step_cost(batch)
+        seconds = self.cost(k + 1, batch) + (k * self.drafter.step_cost(batch) if k else 0.0)
         return batch * expected_tokens(k, self.acceptance) / max(seconds, 1e-9)
 
     def choose(self, rows: list[list[int]]) -> Tensor:
@@ -365,13 +408,20 @@ class AdaptivePolicy(DraftPolicy):
     """Per-row, per-evidence-level draft length from measured acceptance.
 
     Drafts cost target compute: on a CPU a forward over ``k + 1`` tokens is measurably
-    slower than over 1. For each row and each evidence level of the drafter (``Draft.evidence``)
-    an ``Acceptance`` estimate ``a`` is kept; after drafting, a row sends the ``k`` (0 up to
-    its drafts) that maximises ``E(k, a) / cost(k + 1)`` (``cost``: the measured
-    ``forward_cost_curve``, batch 1). ``k = 0`` is a plain decoding step. While a level is
-    gated off, its would-be first draft is still compared with the token the target then
-    emits ("shadow" verification, free), so the gate re-opens when the text starts to
-    repeat. Also importable as ``AcceptanceGate`` (its first name).
+    slower than over 1, and more so at batch 4 than at batch 1. For each row and each
+    evidence level of the drafter (``Draft.evidence``) an ``Acceptance`` estimate ``a_b`` is
+    kept. The verify forward feeds every row as many columns as the longest draft, so after
+    drafting the policy picks one width ``K`` for the batch, the one that maximises
+
+        sum_b E(min(n_b, K), a_b) / t(K + 1, B)
+
+    (``n_b``: row ``b``'s drafts; ``t``: the measured ``VerifyCost`` at the batch size in
+    use), and row ``b`` sends ``min(n_b, K)`` (within the width a draft costs nothing more).
+    ``K = 0`` is a plain decoding step: the policy never drafts where the batch loses against
+    greedy by its estimate. At batch 1 this is the ``k`` maximising ``E(k, a) / t(k + 1, 1)``.
+    While a row's level is gated off, its would-be first draft is still compared with the
+    token the target then emits ("shadow" verification, free), so the gate re-opens when the
+    text starts to repeat. Also importable as ``AcceptanceGate`` (its first name).
     """
 
     name = "adaptive"
@@ -381,14 +431,17 @@ class AdaptivePolicy(DraftPolicy):
         self.rows: list[dict[int, Acceptance]] = []  # per row: level -> estimate
         self.shadow: list[tuple[int, int, int] | None] = []  # (level, first draft, position)
         self.levels: list[int] = []  # per row: level of the drafts sent last step
-        self.cost: list[float] = []  # cost[k]: seconds of a forward over k + 1 tokens
+        self.cost: list[float] = []  # cost[k]: seconds of a forward over k + 1 tokens per row
+        self.verify: VerifyCost | None = None  # t(n, B), for cost at the batch size in use
+        self.cost_batch = 1  # the batch size ``cost`` is for
 
     def start(self, req, drafter) -> None:
         top = min(self.gamma, req.max_new_tokens)  # longer drafts are never sent
-        curve = forward_cost_curve(req.model, top + 1)
-        self.cost = [curve(k + 1) for k in range(top + 1)]
         batch = req.input_ids.shape[0]
         self.rows, self.shadow, self.levels = [{} for _ in range(batch)], [None] * batch, [0] * batch
+        self.verify = VerifyCost(req.model, top + 1)
+        self.cost = [self.verify(k + 1, batch) for k in range(top + 1)]
+        self.cost_batch = batch
 
     def estimate(self, row: int, level: int) -> Acceptance:
         return self.rows[row].setdefault(level, Acceptance(**ADAPTIVE_ESTIMATE))
@@ -402,13 +455,32 @@ class AdaptivePolicy(DraftPolicy):
         return max(ks, key=lambda k: expected_tokens(k, a) / self.cost[k])
 
     def trim(self, draft, rows: list[list[int]]):
+    def batch_budget(self, levels: list[int], available: list[int]) -> list[int]:
+        """Drafts each row sends (``min(available[b], K)``) for the batch's best width ``K``."""
+        self.rescale(len(levels))
+        rates = [self.estimate(i, level).rate if n else 0.0 for i, (level, n) in enumerate(zip(levels, available))]
+        top = min(max(available, default=0), len(self.cost) - 1)
+
+        def speed(width: int) -> float:  # expected tokens of the batch per second
+            return sum(expected_tokens(min(n, width), a) for n, a in zip(available, rates)) / self.cost[width]
+
+        width = max(range(top + 1), key=speed)
+        return [min(n, width) for n in available]
+
+    def rescale(self, batch: int) -> None:
+        """Rows left or joined: ``cost`` for the batch size now in use."""
+        if self.verify is not None and batch != self.cost_batch:
+            self.cost = [self.verify(k + 1, batch) for k in range(len(self.cost))]
+            self.cost_batch = batch
+
         levels = draft.evidence if draft.evidence is not None else [0] * len(rows)
-        sent = []
-        for i, (history, level, n) in enumerate(zip(rows, levels, draft.drafted.tolist(), strict=True)):
+        for i, history in enumerate(rows):
             self.check_shadow(i, history)
-            sent.append(self.budget(i, level, n))
-            if sent[-1] == 0 and n:
-                self.withhold(i, level, int(draft.tokens[i, 0]), len(history))
+        available = draft.drafted.tolist()
+        sent = self.batch_budget(list(levels), available)
+        for i, (level, n, k) in enumerate(zip(levels, available, sent, strict=True)):
+            if k == 0 and n:
+                self.withhold(i, level, int(draft.tokens[i, 0]), len(rows[i]))
         self.levels = list(levels)
         return replace(draft, drafted=torch.tensor(sent, dtype=torch.long, device=draft.drafted.device))
 
@@ -501,7 +573,9 @@ class DraftOptions(Options):
 
     gamma: int = option(5, "draft tokens per verify step (fixed), or the most (egag/cost/adaptive)",
                         int, min=1, max=GAMMA_LIMIT)
-    draft_policy: str = option("fixed", "how many tokens to draft each step", str, choices=POLICIES)
+    draft_policy: str = option("cost", "how many tokens to draft each step (cost: only as many as pay "
+                               "for themselves at this batch size, none where drafting loses to greedy)",
+                               str, choices=POLICIES)
     gamma_min: int = option(1, "fewest drafts per step for egag / cost", int, min=1)
     gamma_max: int | None = option(None, "most drafts per step for egag / cost / adaptive (default gamma)",
                                    int, min=1, max=GAMMA_LIMIT, optional=True)

@@ -217,12 +217,12 @@ class EagleDrafter(Drafter):
 
     def __init__(self, target, head: EagleHead):
         self.target, self.head = target, head
-        self.model = _HeadModel(head)
+        self.model = head.__dict__.setdefault("_state_model", _HeadModel(head))  # one per head (add_rows)
         self.state: ModelState | None = None
         self.pending: list[Tensor] = []
         self.consumed: list[int] = []
         self.fed = 0
-        self._costs: dict[int, float] = {}
+        self._costs: dict[int, float] = head.__dict__.setdefault("_step_costs", {})
         capture_hidden(target)
 
     def prefill(self, req: DecodeRequest) -> None:
@@ -304,6 +304,15 @@ class EagleDrafter(Drafter):
         self.pending = [self.pending[i] for i in keep]
         self.consumed = [self.consumed[i] for i in keep]
 
+    def add_rows(self, other: Drafter) -> None:
+        """Continuous batching: the rows of ``other`` (a drafter of the same head, prefilled
+        for the joining rows) come after ours (between steps nothing self-fed is held)."""
+        if not isinstance(other, EagleDrafter) or other.head is not self.head:
+            raise NotImplementedError("only a drafter of the same eagle head can take rows")
+        self.state.add_rows(other.state)
+        self.pending += other.pending
+        self.consumed += other.consumed
+
     @torch.inference_mode()
     def step_cost(self, batch: int) -> float:
         """Seconds of one drafting step (head forward + LM-head rows) for ``batch`` rows,
@@ -375,7 +384,8 @@ def shipped_head_dir(target) -> Path:
 
 
 def resolve_eagle(spec: str, target) -> EagleDrafter:
-    """``"eagle"`` (the shipped head) or ``"eagle:DIR"`` -> a drafter (heads cached per target)."""
+    """``"eagle"`` (the shipped head) or ``"eagle:DIR"`` -> a new drafter (heads loaded once per
+    target and kept on it)."""
     folder = shipped_head_dir(target) if spec == "eagle" else Path(spec[len("eagle:"):]).expanduser()
     if not str(folder):
         raise DecodeKitError("drafter eagle:DIR needs a directory")
@@ -383,5 +393,5 @@ def resolve_eagle(spec: str, target) -> EagleDrafter:
     head_file = folder / HEAD_FILE
     key = (str(folder.resolve()), head_file.stat().st_mtime_ns if head_file.is_file() else 0)
     if key not in cache:
-        cache[key] = EagleDrafter(target, load_head(folder, target))
-    return cache[key]
+        cache[key] = load_head(folder, target)
+    return EagleDrafter(target, cache[key])

@@ -379,10 +379,19 @@ class ModelDrafter(Drafter):
                 logits = self.state.extend(x[:, None])[:, -1]
         self.fed = max(k - 1, 0)
         drafted = torch.full((len(rows),), k, dtype=torch.long, device=logits.device)
-        return Draft(torch.stack(tokens, 1), drafted, torch.stack(qs, 1))
+        self.proposed = torch.stack(tokens, 1)  # [B, k]
+        return Draft(self.proposed, drafted, torch.stack(qs, 1))
 
     def update(self, draft: Draft, result: VerifyResult, p: Tensor) -> None:
+        """Keep the fed drafts that were accepted. The verified drafts may be another
+        drafter's in some rows (a hybrid, ``strategies/hybrid.py``): only the prefix where
+        ours agree with them is history; the rest is rolled back and fed later as pending."""
         kept = result.accepted.clamp(max=self.fed)  # [B] fed drafts that were accepted
+        width = min(self.fed, draft.k)  # the verified draft may be narrower (trimmed)
+        if width:
+            ours = self.proposed[:, :width].to(draft.tokens.device)
+            agree = (ours == draft.tokens[:, :width]).long().cumprod(-1).sum(-1)  # [B]
+            kept = torch.minimum(kept, agree.to(kept.device))
         self.state.rollback(self.fed - kept)
         self.seen = [s + int(n) for s, n in zip(self.seen, kept.tolist())]
         self.fed = 0
@@ -409,9 +418,12 @@ class ModelDrafter(Drafter):
         self.seen += other.seen
 
     def step_cost(self, batch: int) -> float:
-        from decodekit.strategies.draft_policy import forward_cost_curve
+        """One draft forward of ``batch`` rows (one token each), measured at that batch size."""
+        from decodekit.strategies.draft_policy import VerifyCost
 
-        return forward_cost_curve(self.model, batch)(batch)
+        if getattr(self, "_cost", None) is None:
+            self._cost = VerifyCost(self.model, 1)
+        return self._cost(1, batch)
 
 
 def early_exit_model(model, num_layers: int):
@@ -461,6 +473,8 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
     if isinstance(drafter, Drafter):
         return drafter
     if isinstance(drafter, str):
+        if drafter.strip().endswith("+prompt_lookup"):  # prompt lookup where it matches, X elsewhere
+            return _resolve_hybrid(drafter, req)
         match = re.fullmatch(r"layers:(\d+)", drafter.strip())
         if match:
             return ModelDrafter(early_exit_model(req.model, int(match.group(1))))
@@ -495,6 +509,17 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
 
 @dataclass(frozen=True)
 class SpeculativeOptions(DraftOptions):
+def _resolve_hybrid(spec: str, req: DecodeRequest) -> Drafter:
+    """``"X+prompt_lookup"`` -> a ``HybridDrafter`` around drafter ``X`` (``strategies/hybrid.py``)."""
+    from decodekit.strategies.hybrid import HybridDrafter, split_hybrid
+
+    base, _ = split_hybrid(spec)
+    if not base.strip():
+        raise DecodeKitError(f"drafter {spec!r}: a hybrid drafter is X+prompt_lookup with X one drafter "
+                             "(layers:N, eagle, a model name or path)")
+    return HybridDrafter(resolve_drafter(base.strip(), req))
+
+
     """Options of strategy ``"speculative"``."""
 
     drafter: object = option(None, "draft model: bundled name, HF dir, .gguf, a loaded model, "
@@ -516,9 +541,12 @@ def decode(req: DecodeRequest, opts: SpeculativeOptions) -> GenerationOutput:
 
     ``opts.drafter``: a causal LM with the target's vocabulary, a model name/path for
     ``load_model``, or ``"layers:N"`` (self-speculative: the target's first N layers + its
-    head, sharing weights). ``gamma`` drafts per step with ``draft_policy="fixed"``;
-    ``"egag"`` / ``"cost"`` / ``"adaptive"`` choose up to ``gamma_max`` (default ``gamma``;
-    egag and cost at least ``gamma_min``). ``skip_sample_adjustment=True`` resamples from p on
+    head, sharing weights), ``"X+prompt_lookup"`` (prompt lookup where the row's text
+    repeats, ``X`` elsewhere: ``strategies/hybrid.py``). ``draft_policy``: ``"cost"``
+    (default: up to ``gamma_max`` drafts, as many as pay for themselves at this batch size,
+    none where drafting loses to greedy), ``"fixed"`` (``gamma`` drafts per step),
+    ``"egag"`` / ``"adaptive"`` (up to ``gamma_max``, default ``gamma``; egag and cost at
+    least ``gamma_min``). ``skip_sample_adjustment=True`` resamples from p on
     rejection: LOSSY.
     """
     drafter = resolve_drafter(opts.drafter, req)
