@@ -256,7 +256,10 @@ def _validate_model_args(args) -> None:
     resolve_device(args.device)
     check_model_spec(args.model_path, param="model_path")
     drafter = getattr(args, "drafter", None)
+    from decodekit.strategies.hybrid import split_hybrid
     from decodekit.strategies.speculative import is_eagle_spec
+
+    drafter = split_hybrid(drafter)[0]  # X+prompt_lookup: X is checked
 
     if is_eagle_spec(drafter):
         _check_eagle_dir(drafter.strip())
@@ -282,10 +285,7 @@ def run_generate(args) -> int:
     from decodekit.batch_runner import generate_prompts, open_results, print_records
     from decodekit.io import load_prompts
     from decodekit.models import load_model
-    from decodekit.strategies.hybrid import split_hybrid
     from decodekit.ray import engine_from_args, run_ray
-
-    drafter = split_hybrid(drafter)[0]  # X+prompt_lookup: X is checked
 
     _validate_generate_args(args)
     prompts = load_prompts(args.prompt, args.prompts_file)

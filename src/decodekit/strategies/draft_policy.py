@@ -274,8 +274,8 @@ def forward_cost_curve(model, max_tokens: int, *, batch: int = 1, context: int =
     each keeps its fastest run; a point is then never above a larger size's (``monotone``).
     """
     from decodekit.cache import ModelState
-
     from decodekit.model_info import vocab_size
+
     curve = _CURVES.setdefault((_model_key(model), batch), CostCurve())
     todo = [n for n in _GRID if n < max_tokens and n not in curve.points]
     if max_tokens not in curve.points:
@@ -303,7 +303,6 @@ def forward_cost_curve(model, max_tokens: int, *, batch: int = 1, context: int =
     return curve
 
 
-class CostPolicy(DraftPolicy):
 def _monotone(curve: CostCurve) -> None:
     """A forward over more tokens never costs less: each point becomes the smallest time
     measured at its size or above (noise on a shared machine only adds)."""
@@ -337,6 +336,7 @@ class VerifyCost:
         return curve(n * batch / bucket)
 
 
+class CostPolicy(DraftPolicy):
     """Cost-aware draft length: maximise expected tokens per second.
 
     The model. One step with ``k`` drafts for a batch of ``B`` rows costs
@@ -438,10 +438,10 @@ class AdaptivePolicy(DraftPolicy):
     def start(self, req, drafter) -> None:
         top = min(self.gamma, req.max_new_tokens)  # longer drafts are never sent
         batch = req.input_ids.shape[0]
-        self.rows, self.shadow, self.levels = [{} for _ in range(batch)], [None] * batch, [0] * batch
         self.verify = VerifyCost(req.model, top + 1)
         self.cost = [self.verify(k + 1, batch) for k in range(top + 1)]
         self.cost_batch = batch
+        self.rows, self.shadow, self.levels = [{} for _ in range(batch)], [None] * batch, [0] * batch
 
     def estimate(self, row: int, level: int) -> Acceptance:
         return self.rows[row].setdefault(level, Acceptance(**ADAPTIVE_ESTIMATE))
@@ -454,7 +454,6 @@ class AdaptivePolicy(DraftPolicy):
         ks = range(min(available, len(self.cost) - 1) + 1)
         return max(ks, key=lambda k: expected_tokens(k, a) / self.cost[k])
 
-    def trim(self, draft, rows: list[list[int]]):
     def batch_budget(self, levels: list[int], available: list[int]) -> list[int]:
         """Drafts each row sends (``min(available[b], K)``) for the batch's best width ``K``."""
         self.rescale(len(levels))
@@ -473,6 +472,7 @@ class AdaptivePolicy(DraftPolicy):
             self.cost = [self.verify(k + 1, batch) for k in range(len(self.cost))]
             self.cost_batch = batch
 
+    def trim(self, draft, rows: list[list[int]]):
         levels = draft.evidence if draft.evidence is not None else [0] * len(rows)
         for i, history in enumerate(rows):
             self.check_shadow(i, history)

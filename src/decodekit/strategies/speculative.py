@@ -507,8 +507,6 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
     return ModelDrafter(drafter)
 
 
-@dataclass(frozen=True)
-class SpeculativeOptions(DraftOptions):
 def _resolve_hybrid(spec: str, req: DecodeRequest) -> Drafter:
     """``"X+prompt_lookup"`` -> a ``HybridDrafter`` around drafter ``X`` (``strategies/hybrid.py``)."""
     from decodekit.strategies.hybrid import HybridDrafter, split_hybrid
@@ -520,6 +518,8 @@ def _resolve_hybrid(spec: str, req: DecodeRequest) -> Drafter:
     return HybridDrafter(resolve_drafter(base.strip(), req))
 
 
+@dataclass(frozen=True)
+class SpeculativeOptions(DraftOptions):
     """Options of strategy ``"speculative"``."""
 
     drafter: object = option(None, "draft model: bundled name, HF dir, .gguf, a loaded model, "
