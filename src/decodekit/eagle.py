@@ -47,6 +47,7 @@ CHECKPOINT = "checkpoint.pt"
 DATA = "data.pt"
 CHECKPOINT_EVERY = 50
 SAMPLE_TEMPERATURE = 0.8
+FEATURE_NOISE = 0.1
 
 TOPICS = [
     "volcanoes", "the Roman Empire", "machine learning", "coffee", "honeybees", "the moon landing",
@@ -63,7 +64,8 @@ TASKS = [
     "Explain {} to a beginner.", "Write a short poem about {}.", "Give me a few tips related to {}.",
     "What is the history of {}?", "Write a short story involving {}.", "Why do people care about {}?",
     "Summarize the most important things to know about {}.", "Write a blog post introduction about {}.",
-    "What are the pros and cons of {}?",
+    "What are the pros and cons of {}?", "Describe how {} works to a ten-year-old.", "List five facts about {}.",
+    "Write a friendly email to a friend about {}.", "Give me three questions to ask about {}, with short answers.",
 ]
 
 
@@ -246,14 +248,19 @@ def _batch(samples: list[dict], vocab_map: Tensor | None) -> dict:
 
 
 def _loss(head: EagleHead, batch: dict, scale: Tensor) -> tuple[Tensor, dict]:
-    """EAGLE's loss on one batch: smooth L1 on scaled features + token cross-entropy."""
+    """EAGLE's loss on one batch: smooth L1 on scaled features + token cross-entropy. While
+    training, the input features get EAGLE's uniform noise (``FEATURE_NOISE`` x each
+    dimension's std): the head drafts from its own, imperfect features."""
     from decodekit.strategies.eagle import additive_mask
 
     device = head.device
     b = {k: v.to(device) for k, v in batch.items()}
     mask = b["mask"]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    pred = head(b["feats_in"], b["tokens"], positions, additive_mask(mask, mask.shape[1], torch.float32))
+    feats = b["feats_in"]
+    if head.training:
+        feats = feats + FEATURE_NOISE * scale * (2 * torch.rand_like(feats) - 1)
+    pred = head(feats, b["tokens"], positions, additive_mask(mask, mask.shape[1], torch.float32))
     trained = b["labels"] != -1  # generated positions
     reg = nn.functional.smooth_l1_loss((pred - b["feats_out"])[trained] / scale, torch.zeros_like(
         pred[trained]))
