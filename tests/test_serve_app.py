@@ -40,7 +40,7 @@ def server(real_model):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="test-key", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="test-key", max_retries=0, timeout=900)
 
 
 def offline(real_model, prompt: str, max_new_tokens: int = MAX_TOKENS, **kwargs) -> str:
@@ -119,21 +119,21 @@ def test_disconnect_mid_stream_cancels_and_others_go_on(client, server, real_mod
 
 LOAD_PROMPTS = ["What is the capital of France?", "List three prime numbers.", "Why is the sky blue?",
                 "Name a colour.", "Say hello in French.", "What is 12 times 7?"]
-LOAD_DECODING = [None, {"strategy": "prompt_lookup"}, {"strategy": "sample", "seed": 1},
+LOAD_DECODING = [None, {"strategy": "prompt_lookup"}, {"strategy": "sample", "temperature": 0.7},
                  {"strategy": "ngram"}]
 
 
 def test_concurrent_clients_mixed_strategies(client, real_model):
-    """8 clients x 2 requests at once, mixed strategies (benchmarks/serve_load.py runs the full
-    16 x 4 and reports throughput): every request completes; greedy ones (and the lossless
-    speculative ones) equal their offline output whatever shares the batch."""
-    jobs = [(c, r) for c in range(8) for r in range(2)]
+    """4 clients x 2 requests at once, mixed strategies (benchmarks/serve_load.py runs the full
+    16 x 4 and reports throughput; kept small for a 2-core CI): every request completes; greedy
+    ones (and the lossless speculative ones) equal their offline output whatever shares the batch."""
+    jobs = [(c, r) for c in range(4) for r in range(2)]
 
     def one(job):
         c, r = job
         prompt, decoding = LOAD_PROMPTS[(c + r) % len(LOAD_PROMPTS)], LOAD_DECODING[c % len(LOAD_DECODING)]
         extra = {"decoding": decoding} if decoding else {}
-        reply = chat(client, prompt, max_tokens=8, extra_body=extra)
+        reply = chat(client, prompt, max_tokens=6, extra_body=extra)
         return prompt, decoding, reply.choices[0].message.content, reply.model_extra["decoding_stats"]
 
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -145,7 +145,7 @@ def test_concurrent_clients_mixed_strategies(client, real_model):
         assert stats["strategy"] == strategy
         if strategy in ("greedy", "prompt_lookup", "ngram"):
             if prompt not in cache:
-                cache[prompt] = offline(real_model, prompt, max_new_tokens=8)
+                cache[prompt] = offline(real_model, prompt, max_new_tokens=6)
             assert text == cache[prompt], (prompt, strategy)
         assert json.dumps(stats)
 

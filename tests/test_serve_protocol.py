@@ -52,6 +52,9 @@ def test_openai_fields_become_generate_arguments(bundled_tokenizer):
                                                                  "repetition_penalty": 1.2}},
                               bundled_tokenizer, MODEL)
     assert lookup.params == dict(strategy="prompt_lookup", max_new_tokens=16, gamma=5, repetition_penalty=1.2)
+    sample = parse_chat({"messages": [{"role": "user", "content": "hi"}],
+                         "decoding": {"strategy": "sample", "temperature": 0.7, "seed": 4}}, bundled_tokenizer, MODEL)
+    assert sample.params == dict(strategy="sample", max_new_tokens=256, temperature=0.7, seed=4)
     assert lookup.prompt_ids == encode_prompts(bundled_tokenizer, ["a b a b"], use_chat_template=False)[0]
 
 

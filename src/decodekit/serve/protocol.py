@@ -121,6 +121,7 @@ def _params(body: dict, default_max: int, origins: dict) -> dict:
     strategy's ``Options``); ``origins`` learns where each came from."""
     strategy, options = _decoding(body, origins)
     knobs = {k: options.pop(k) for k in SAMPLING if k in options}
+    seed = options.pop("seed", body.get("seed"))  # generate's, so also welcome in decoding
     for name in ("temperature", "top_p"):
         value = _field(body, name, float)
         if value is not None:
@@ -143,7 +144,6 @@ def _params(body: dict, default_max: int, origins: dict) -> dict:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
     params = dict(strategy=strategy, max_new_tokens=check_int("max_tokens", max_tokens, min_value=1),
                   **{k: v for k, v in knobs.items()}, **options, **processors)
-    seed = body.get("seed")
     if seed is not None:
         params["seed"] = check_int("seed", seed, min_value=0)
     return params
