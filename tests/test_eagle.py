@@ -254,10 +254,12 @@ def test_shipped_head_matches_its_card():
 def test_shipped_head_greedy_identical_on_the_bundled_model(real_model, batch):
     model, tok = real_model
     prompts = CHAT_PROMPTS[:4]  # 4 prompts (each batch size): the bundled model is slow on a shared CPU
+    accepted = 0
     for start in range(0, len(prompts), batch):
         ids, mask = chat_batch(tok, prompts[start: start + batch])
         want = generate(model, ids, mask, strategy="greedy", max_new_tokens=32).sequences
         out = generate(model, ids, mask, strategy="speculative", drafter="eagle", gamma=4,
                        draft_policy="fixed", max_new_tokens=32)
         assert out.sequences == want
-        assert sum(s.accepted for s in out.stats) > 0
+        accepted += sum(s.accepted for s in out.stats)
+    assert accepted > 0  # the head's drafts are really used
