@@ -85,3 +85,13 @@ def test_hybrid_spec_parsing(llama):
     assert split_hybrid("layers:8") == ("layers:8", False)
     with pytest.raises(DecodeKitError, match="X\\+prompt_lookup"):
         _hybrid(llama, ROWS[:1], "+prompt_lookup", n=2)
+
+
+def test_cli_checks_the_hybrid_drafter_before_loading(capsys, monkeypatch):
+    from decodekit import cli, models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    argv = ["generate", "--prompt", "hi", "--strategy", "speculative", "--max_new_tokens", "2"]
+    assert cli.main(argv + ["--drafter", "no/such/dir+prompt_lookup"]) == 2
+    err = capsys.readouterr().err
+    assert "drafter" in err and "no/such/dir" in err and "+prompt_lookup" not in err
