@@ -524,7 +524,8 @@ class SpeculativeOptions(DraftOptions):
 
     drafter: object = option(None, "draft model: bundled name, HF dir, .gguf, a loaded model, "
                              "layers:N (self-speculative: the target's first N layers), or eagle / "
-                             "eagle:DIR (a trained draft head)", "any", parse=str)
+                             "eagle:DIR (a trained draft head); X+prompt_lookup: prompt lookup where "
+                             "the text repeats, X elsewhere", "any", parse=str)
     first_target: bool = option(True, "the first token of a step comes from the target", bool)
     skip_sample_adjustment: bool = option(False, "resample from p on rejection (LOSSY)", bool)
     show_drafts: bool = option(False, "record accepted drafts and target tokens for display", bool)
