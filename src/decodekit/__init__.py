@@ -5,8 +5,16 @@ from decodekit.cache import ModelState, left_pad, prune_cache
 from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
 from decodekit.eagle import TrainConfig, train_drafter
 from decodekit.io import encode_prompts, load_prompts
+from decodekit.llamacpp import LlamaCppModel, LlamaCppState
 from decodekit.model_info import context_length, default_eos_pad, vocab_size
-from decodekit.models import BUNDLED_MODELS, DEFAULT_MODEL, DTYPES, check_model_spec, load_model
+from decodekit.models import (
+    BACKENDS,
+    BUNDLED_MODELS,
+    DEFAULT_MODEL,
+    DTYPES,
+    check_model_spec,
+    load_model,
+)
 from decodekit.ngram_storage import INgramStorage, NGramStorage, OneLevelNGramStorage
 from decodekit.outputs import GenerationOutput, RequestStats, RowTracker
 from decodekit.processors import (
@@ -78,6 +86,9 @@ __all__ = [
     "BUNDLED_MODELS",
     "DEFAULT_MODEL",
     "DTYPES",
+    "BACKENDS",
+    "LlamaCppModel",
+    "LlamaCppState",
     "QuantLinear",
     "quantize_model",
     "vocab_size",

@@ -88,7 +88,8 @@ def model_dtype(model) -> str:
     """``"float32"``, ``"bfloat16"``, ``"int8"``...: the ``stats.dtype`` of every record."""
     from decodekit.quant import quant_scheme
 
-    return quant_scheme(model) or str(next(model.parameters()).dtype).removeprefix("torch.")
+    own = getattr(model, "dtype_name", None)  # the llama.cpp backend: the GGUF's weight type
+    return own or quant_scheme(model) or str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def decode_batch(model, tokenizer, indices, texts, generate_kwargs, encoding: tuple[bool, bool],

@@ -46,6 +46,30 @@ def add_model_flags(parser) -> None:
     add_flag(parser, "trust_remote_code", action="store_true")
 
 
+def add_backend_flag(parser) -> None:
+    add_flag(parser, "backend", default="torch",
+             help="torch | llama.cpp: run a GGUF model's own quantized weights in llama.cpp "
+                  "(pip install 'decodekit[llamacpp]', see README; no --dtype) (default torch)")
+
+
+def _validate_backend(args) -> None:
+    """``--backend llama.cpp``: a GGUF model, no --dtype, this process, no layers:N drafter
+    (llama.cpp runs the whole model), llama-cpp-python installed. Nothing is loaded."""
+    from decodekit.models import check_backend
+
+    check_backend(args.backend, args.model_path, args.dtype, args.device)
+    if args.backend != "llama.cpp":
+        return
+    drafter = getattr(args, "drafter", None)
+    if drafter is not None and drafter.strip().startswith("layers"):
+        raise DecodeKitError(f"drafter {drafter!r} (the target's first layers) is not available on backend "
+                             "'llama.cpp'; give a GGUF drafter (a bundled name or a .gguf file)")
+    if drafter is not None:
+        check_backend("llama.cpp", drafter, param="drafter")
+    if getattr(args, "engine", "local") != "local":
+        raise DecodeKitError("--backend llama.cpp runs in this process only; leave out --engine")
+
+
 def add_prompt_flags(parser) -> None:
     add_flag(parser, "prompt", default=None, help="one prompt")
     add_flag(parser, "prompts_file", default=None,
@@ -162,6 +186,7 @@ def build_generate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with one decoding strategy",
                        description="Generate text with any decoding strategy.")
     add_model_flags(p)
+    add_backend_flag(p)
     add_prompt_flags(p)
     add_flag(p, "strategy", default="greedy", help=f"one of: {', '.join(STRATEGIES)}")
     add_flag(p, "max_new_tokens", type=int, default=128)
@@ -245,6 +270,7 @@ def _validate_generate_args(args) -> None:
     if args.overwrite and not args.output_file:
         raise DecodeKitError("--overwrite needs --output_file")
     _validate_model_args(args)
+    _validate_backend(args)
 
 
 def _validate_model_args(args) -> None:
@@ -306,7 +332,7 @@ def run_generate(args) -> int:
                   "prompt's place)", file=sys.stderr)
         return 0
     model, tokenizer = load_model(args.model_path, dtype=args.dtype, device=args.device,
-                                  trust_remote_code=args.trust_remote_code)
+                                  trust_remote_code=args.trust_remote_code, backend=args.backend)
     show_debug = bool(args.debug or options.get("show_drafts"))
     records = generate_prompts(model, tokenizer, prompts, args, kwargs, show_debug, writer)
     streamed = len(records) == 1 and not args.no_stream and not show_debug

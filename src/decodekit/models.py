@@ -20,7 +20,8 @@ import torch
 
 from decodekit.validation import DecodeKitError, check_choice
 
-__all__ = ["load_model", "check_model_spec", "BUNDLED_MODELS", "DEFAULT_MODEL", "DTYPES", "cache_dir", "resolve_device"]
+__all__ = ["load_model", "check_model_spec", "check_backend", "gguf_path", "BUNDLED_MODELS", "DEFAULT_MODEL", "DTYPES",
+           "BACKENDS", "cache_dir", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 # weights, activations in bfloat16. README "Quantized weights" has the speed and quality.
 QUANT_DTYPES = ("int8", "int4")
 DTYPES = [*FLOAT_DTYPES, *QUANT_DTYPES]
+# torch: transformers modules (every dtype above). llama.cpp: the GGUF's own quantized weights
+# run by llama.cpp (optional extra, decodekit.llamacpp); README "llama.cpp backend".
+BACKENDS = ("torch", "llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,62 @@ def _skeleton(folder: Path, trust_remote_code: bool):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def check_backend(backend: str | None, spec: str | None, dtype=None, device: str | None = None,
+                  param: str = "model_path") -> None:
+    """Check a backend choice without loading anything: ``llama.cpp`` takes a GGUF source
+    (a bundled model, whose package ships the GGUF, or a ``.gguf`` file), no ``dtype`` (the
+    GGUF's weights are used as they are), the CPU, and needs llama-cpp-python installed."""
+    check_choice("backend", backend or "torch", BACKENDS)
+    if backend != "llama.cpp":
+        return
+    spec = spec or DEFAULT_MODEL
+    check_model_spec(spec, param)
+    if dtype is not None:
+        raise DecodeKitError(f"dtype {dtype!r} does not apply to backend 'llama.cpp', which runs the GGUF's own "
+                             "quantized weights; leave dtype out")
+    if device not in (None, "auto", "cpu"):
+        raise DecodeKitError(f"backend 'llama.cpp' runs on the CPU here; got device {device!r}")
+    if spec in BUNDLED_MODELS:
+        bundled = BUNDLED_MODELS[spec]
+        if importlib.util.find_spec(bundled.package) is None:
+            raise DecodeKitError(f"backend 'llama.cpp' reads {spec!r} from its GGUF: run `{bundled.pip}`")
+    elif Path(spec).expanduser().suffix != ".gguf":
+        raise DecodeKitError(f"backend 'llama.cpp' needs a GGUF model (a bundled name or a .gguf file); "
+                             f"{param} {spec!r} is a Hugging Face directory")
+    from decodekit.llamacpp import check_llama_cpp
+
+    check_llama_cpp()
+
+
+def gguf_path(spec: str | None) -> Path:
+    """The GGUF file of a bundled model name or a ``.gguf`` path (``check_backend`` first)."""
+    spec = spec or DEFAULT_MODEL
+    return BUNDLED_MODELS[spec].gguf_path() if spec in BUNDLED_MODELS else Path(spec).expanduser()
+
+
+def _load_llama_cpp(spec: str | None, trust_remote_code: bool, llama_options: dict):
+    """``(LlamaCppModel, tokenizer)`` for a GGUF source (already checked by ``check_backend``).
+    The tokenizer and EOS ids are the ones the torch backend uses for the same model."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from decodekit.llamacpp import LlamaCppModel
+
+    spec = spec or DEFAULT_MODEL
+    gguf = gguf_path(spec)
+    converted = _converted_dir(Path(spec), spec) if spec in BUNDLED_MODELS else _converted_dir(gguf, None)
+    if (converted / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(converted, trust_remote_code=trust_remote_code)
+        gen = GenerationConfig.from_pretrained(converted)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gen = None
+    model = LlamaCppModel(gguf, **llama_options)
+    if gen is not None:
+        model.generation_config.eos_token_id = gen.eos_token_id
+        model.generation_config.pad_token_id = gen.pad_token_id
+    return model, tokenizer
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None) -> tuple[torch.dtype, str | None]:
     """``(dtype the weights load in, quantization scheme or None)``."""
     if dtype is None:
@@ -214,6 +274,8 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     param: str = "model_path",
+    backend: str | None = None,
+    **llama_options,
 ):
     """Load ``(model, tokenizer)``.
 
@@ -224,6 +286,9 @@ def load_model(
     activations in bfloat16, see ``decodekit.quant``). ``device``: cpu | cuda | auto.
     The tokenizer pads on the left, with EOS as pad token when it has none. ``param`` is
     the parameter named in errors (``"drafter"`` when loading a draft model).
+    ``backend="llama.cpp"`` (a GGUF source, no dtype): a ``decodekit.llamacpp.LlamaCppModel``
+    running the GGUF's weights in llama.cpp; ``llama_options``: its ``n_ctx``, ``n_seq_max``,
+    ``n_threads``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -231,6 +296,12 @@ def load_model(
     from decodekit import quant
 
     hf_logging.disable_progress_bar()
+    check_backend(backend, spec, dtype, device, param)
+    if backend == "llama.cpp":
+        model, tokenizer = _load_llama_cpp(spec, trust_remote_code, llama_options)
+        return model, _pad_left(model, tokenizer)
+    if llama_options:
+        raise DecodeKitError(f"{', '.join(llama_options)}: options of backend 'llama.cpp' only")
     load_dtype, scheme = _resolve_dtype(dtype)
     torch_device = resolve_device(device)
     if scheme:
@@ -249,6 +320,11 @@ def load_model(
     model.to(torch_device).eval()
     if scheme:
         quant.quantize_model(model, scheme, quant.ACTIVATIONS)
+    return model, _pad_left(model, tokenizer)
+
+
+def _pad_left(model, tokenizer):
+    """Left padding, EOS as pad token when there is none, EOS/pad ids in the generation config."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -256,4 +332,4 @@ def load_model(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config.eos_token_id is None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, tokenizer
+    return tokenizer

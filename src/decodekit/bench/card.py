@@ -33,7 +33,9 @@ def _cpu_name() -> str:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the parameters (tied weights counted once)."""
+    """Bytes of the parameters (tied weights counted once); a llama.cpp model's own count."""
+    if hasattr(model, "weight_bytes"):
+        return model.weight_bytes
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 

@@ -14,6 +14,7 @@ from decodekit.bench.card import format_card, machine_card
 from decodekit.bench.checks import check_identity, score_quality
 from decodekit.bench.config import (
     DTYPE_CHOICES,
+    LLAMA_CPP,
     PRESETS,
     SUITE_CHOICES,
     BenchConfig,
@@ -53,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("ignore_eos", action="store_const", const=True, default=None,
          help="decode exactly max_new_tokens per row (fixed-length throughput)")
     flag("no_transformers", action="store_true", help="skip transformers' generate() runs")
+    flag("backend", default=None, help="torch | llama.cpp: llama.cpp = decodekit on the llama.cpp backend "
+                                       "(the GGUF's own weights; same as --dtypes llama.cpp)")
+    flag("peers", default=None, help="llama.cpp: add llama.cpp's own greedy and prompt lookup "
+                                     "(llama-cpp-python, same GGUF and prompts) as rows")
     flag("threads", type=int, default=None, help="torch threads (default: torch's choice)")
     flag("clock", default="wall", help="wall | cpu: cpu = this process's CPU seconds, steadier on a "
                                        "shared machine with --threads 1 (default wall)")
@@ -67,7 +72,10 @@ def load_models(cfg: BenchConfig):
 
     models, tokenizer = {}, None
     for dtype in cfg.dtypes:
-        models[dtype], tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
+        if dtype == LLAMA_CPP:
+            models[dtype], tokenizer = load_model(cfg.model, backend=LLAMA_CPP)
+        else:
+            models[dtype], tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
     return models, tokenizer
 
 

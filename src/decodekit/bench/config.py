@@ -72,7 +72,11 @@ ENTRY_BY_NAME = {e.name: e for e in ENTRIES}
 
 SUITES = {"chat": "chat.jsonl", "grounded": "grounded.jsonl", "qa": "qa.jsonl"}
 SUITE_CHOICES = [*SUITES, "all"]
-DTYPE_CHOICES = list(DTYPES)  # float32, bfloat16, float16, int8, int4 (weight-only, CPU)
+LLAMA_CPP = "llama.cpp"  # a dtype (decodekit on the llama.cpp backend: the GGUF's own weights) and a peer
+DTYPE_CHOICES = [*DTYPES, LLAMA_CPP]  # float32, bfloat16, float16, int8, int4 (weight-only, CPU), llama.cpp
+PEER_CHOICES = [LLAMA_CPP]
+# llama.cpp's own implementations of our strategies (peer rows): name -> Llama draft model options
+PEER_STRATEGIES = {"greedy": None, "prompt_lookup": {"num_pred_tokens": 5}}
 
 # Settings a preset changes; anything given on the command line wins.
 DEFAULTS = dict(strategies=None, suite="all", num_prompts=2, batch_sizes="1,4", dtypes="float32",
@@ -113,6 +117,7 @@ class BenchConfig:
     device: str
     output_dir: Path
     preset: str
+    peers: list[str] = ()  # "llama.cpp": llama.cpp's own greedy / prompt lookup as rows
 
 
 def _int_list(name: str, text: str, min_value: int) -> list[int]:
@@ -162,6 +167,26 @@ def _check_machine_args(args: argparse.Namespace) -> Path:
     return output_dir
 
 
+def _llama_cpp_args(args: argparse.Namespace, dtypes_text: str) -> tuple[str, list[str]]:
+    """``--backend llama.cpp`` (= ``--dtypes llama.cpp``) and ``--peers llama.cpp``: checked
+    (GGUF model, llama-cpp-python installed) before anything loads. Returns the dtypes text
+    and the peers."""
+    from decodekit.models import check_backend
+
+    backend = getattr(args, "backend", None) or "torch"
+    check_choice("backend", backend, ["torch", LLAMA_CPP])
+    if backend == LLAMA_CPP:
+        if args.dtypes is not None and args.dtypes.strip() != LLAMA_CPP:
+            raise DecodeKitError("--backend llama.cpp runs the GGUF's own weights: give either it or --dtypes")
+        dtypes_text = LLAMA_CPP
+    peers = [p.strip() for p in (getattr(args, "peers", None) or "").split(",") if p.strip()]
+    for peer in peers:
+        check_choice("peers", peer, PEER_CHOICES)
+    if peers or LLAMA_CPP in dtypes_text.split(","):
+        check_backend(LLAMA_CPP, args.model, param="model")
+    return dtypes_text, peers
+
+
 def resolve_config(args: argparse.Namespace) -> BenchConfig:
     """Apply the preset, then check every argument (no model is touched here)."""
     preset = "quick" if getattr(args, "quick", False) else args.preset
@@ -174,6 +199,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
     batch_sizes = _int_list("batch_sizes", value["batch_sizes"], 1)
     if not batch_sizes:
         raise DecodeKitError("batch_sizes must list at least one batch size >= 1")
+    value["dtypes"], peers = _llama_cpp_args(args, value["dtypes"])
     return BenchConfig(
         model=args.model,
         strategies=strategies,
@@ -192,6 +218,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         device=args.device,
         output_dir=output_dir,
         preset=preset,
+        peers=peers,
     )
 
 

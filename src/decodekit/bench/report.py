@@ -126,6 +126,7 @@ def render_report(results: dict) -> str:
         "token-identical to our greedy / to transformers' equivalent.", "",
     ]
     lines += _foundation_section(summary)
+    lines += _peer_section(summary)
     lines += _main_section(summary)
     lines += _suite_section(summary, results)
     lines += _quality_section(summary)
@@ -153,6 +154,24 @@ def _foundation_section(summary: list[dict]) -> list[str]:
         best = max(b1, key=b1.get)
         lines += ["", f"Fastest dtype for greedy decoding at the smallest batch: **{best}**."]
     return lines + [""]
+
+
+def _peer_section(summary: list[dict]) -> list[str]:
+    """``--peers llama.cpp``: our greedy at every dtype (llama.cpp = decodekit on the llama.cpp
+    backend) against llama.cpp's own greedy, at each batch size (llama.cpp runs rows one by one)."""
+    by = {(r["strategy"], r["impl"], r["dtype"], r["batch_size"]): r["tokens_per_s"]
+          for r in summary if not r["swept"]}
+    peer = {bs: rate for (name, impl, _, bs), rate in by.items() if name == "greedy" and impl == "llama.cpp"}
+    if not peer:
+        return []
+    body = []
+    for (name, impl, dtype, bs), rate in sorted(by.items(), key=lambda kv: (kv[0][3], kv[0][2])):
+        if name == "greedy" and impl == "decodekit" and bs in peer:
+            body.append([dtype, str(bs), _f(rate), _f(peer[bs]), _f(_ratio(rate, peer[bs]), 2)])
+    lines = ["## Greedy: decodekit vs llama.cpp's own (same GGUF, same prompts)", ""]
+    lines += _table(["decodekit dtype", "batch", "decodekit tok/s", "llama.cpp tok/s", "ours / llama.cpp"], body)
+    return lines + ["", "llama.cpp decodes a batch's rows one after another (its `generate` runs one "
+                        "sequence); its prompt lookup row is in the `llama.cpp` cells below.", ""]
 
 
 def _main_section(summary: list[dict]) -> list[str]:
@@ -258,8 +277,8 @@ def _plot_tokens_per_s(plt, summary, results):
     if not rows:
         return None
     cells = sorted({(r["dtype"], r["batch_size"]) for r in rows})
-    impls = ["decodekit", "transformers", "floor"]
-    colors = {"decodekit": "tab:blue", "transformers": "tab:orange", "floor": "tab:gray"}
+    impls = ["decodekit", "transformers", "floor", "llama.cpp"]
+    colors = {"decodekit": "tab:blue", "transformers": "tab:orange", "floor": "tab:gray", "llama.cpp": "tab:green"}
     n_names = len({r["strategy"] for r in rows})
     fig, axes = plt.subplots(len(cells), 1, figsize=(max(10, 1.2 * n_names), 3.8 * len(cells)), squeeze=False)
     unit = "CPU-second" if results.get("config", {}).get("clock") == "cpu" else "s"

@@ -20,7 +20,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from decodekit.bench.card import sync
-from decodekit.bench.config import DRAFTER, ENTRY_BY_NAME, BenchConfig, load_suite
+from decodekit.bench.config import (
+    DRAFTER,
+    ENTRY_BY_NAME,
+    LLAMA_CPP,
+    PEER_STRATEGIES,
+    BenchConfig,
+    load_suite,
+)
 
 __all__ = ["Batch", "Run", "Context", "make_batches", "floor_generate", "PeakMemory", "ForwardCounter",
            "measure", "plan_runs", "warm_up", "run_trials", "run_record"]
@@ -106,18 +113,19 @@ class ForwardCounter:
     different module object and is not counted)."""
 
     def __init__(self, model):
-        self.model, self.calls = model, 0
+        self.model, self.calls = model, 0  # model None (a peer's own engine): nothing counted
 
     def _hook(self, module, args):
         if module is self.model:
             self.calls += 1
 
     def __enter__(self):
-        self._handle = self.model.register_forward_pre_hook(self._hook)
+        self._handle = self.model.register_forward_pre_hook(self._hook) if self.model is not None else None
         return self
 
     def __exit__(self, *exc):
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
 
 
 # ---------------------------------------------------------------------------- runs
@@ -176,6 +184,7 @@ class Context:
     eos: list[int]
     pad: int
     assistants: dict = field(default_factory=dict)  # dtype -> drafter model for transformers
+    peers: dict = field(default_factory=dict)  # strategy -> llama_cpp.Llama (peer rows), made once
 
 
 # ---------------------------------------------------------------------------- the three callers
@@ -262,7 +271,41 @@ def call_floor(ctx: Context, run: Run, batch: Batch, max_new_tokens: int):
     return floor_generate(ctx.models[run.dtype], batch.ids, batch.mask, max_new_tokens), None
 
 
-CALLS = {"decodekit": call_decodekit, "transformers": call_transformers, "floor": call_floor}
+def _llama(ctx: Context, strategy: str):
+    """llama-cpp-python's high-level ``Llama`` on the bench's GGUF (made once per strategy):
+    greedy, or prompt lookup (``LlamaPromptLookupDecoding`` as its draft model)."""
+    if strategy not in ctx.peers:
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        from decodekit.models import gguf_path
+
+        options = PEER_STRATEGIES[strategy]
+        draft = LlamaPromptLookupDecoding(**options) if options is not None else None
+        ctx.peers[strategy] = Llama(str(gguf_path(ctx.cfg.model)), n_ctx=4096, n_threads=torch.get_num_threads(),
+                                    n_threads_batch=torch.get_num_threads(), draft_model=draft, verbose=False)
+    return ctx.peers[strategy]
+
+
+def call_llama_cpp(ctx: Context, run: Run, batch: Batch, max_new_tokens: int):
+    """llama.cpp's own decoding (temperature 0), one row after another (its ``generate`` runs
+    one sequence); the cache is reset per row, so no prompt prefix is reused across rows."""
+    llm = _llama(ctx, run.strategy)
+    eos = set() if ctx.cfg.ignore_eos else set(ctx.eos)
+    rows = []
+    for prompt in batch.prompt_ids:
+        llm.reset()
+        row = []
+        for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+            row.append(int(token))
+            if len(row) == max_new_tokens or token in eos:
+                break
+        rows.append(row)
+    return rows, None
+
+
+CALLS = {"decodekit": call_decodekit, "transformers": call_transformers, "floor": call_floor,
+         LLAMA_CPP: call_llama_cpp}
 
 
 # ---------------------------------------------------------------------------- timing
@@ -284,7 +327,7 @@ def _record_spec(run: Run, stats, calls: int, tokens_per_row: float) -> None:
 def measure(ctx: Context, run: Run, first_trial: bool) -> None:
     """Time one run over every batch of its batch size; append one trial."""
     call = CALLS[run.impl]
-    model = ctx.models[run.dtype]
+    model = ctx.models.get(run.dtype) if run.impl != LLAMA_CPP else None
     clock = time.process_time if ctx.cfg.clock == "cpu" else time.perf_counter
     trial = {"seconds": 0.0, "tokens": 0, "suites": {}}
     sequences = []
@@ -316,13 +359,16 @@ def plan_runs(cfg: BenchConfig) -> list[Run]:
     """Every (strategy, implementation, dtype, batch size), the floor, the gamma sweep."""
     runs = []
     for dtype in cfg.dtypes:
+        torch_model = dtype != LLAMA_CPP  # floor and transformers need a torch module
         for bs in cfg.batch_sizes:
-            runs.append(Run("floor", "floor", dtype, bs, {}))
+            if torch_model:
+                runs.append(Run("floor", "floor", dtype, bs, {}))
             for name in cfg.strategies:
                 entry = ENTRY_BY_NAME[name]
                 runs.append(Run(name, "decodekit", dtype, bs, dict(entry.options)))
-                if cfg.transformers and entry.hf is not None and (bs == 1 or not entry.hf_batch1_only):
+                if torch_model and cfg.transformers and entry.hf is not None and (bs == 1 or not entry.hf_batch1_only):
                     runs.append(Run(name, "transformers", dtype, bs, dict(entry.hf)))
+    runs += _peer_runs(cfg)
     sweep_bs, sweep_dtype = cfg.batch_sizes[0], cfg.dtypes[0]
     for name in cfg.strategies:
         entry = ENTRY_BY_NAME[name]
@@ -332,6 +378,15 @@ def plan_runs(cfg: BenchConfig) -> list[Run]:
                 runs.append(Run(name, "decodekit", sweep_dtype, sweep_bs,
                                 {**entry.options, "gamma": gamma}, gamma=gamma))
     return runs
+
+
+def _peer_runs(cfg: BenchConfig) -> list[Run]:
+    """llama.cpp's own greedy / prompt lookup (``--peers llama.cpp``), in the ``llama.cpp``
+    dtype's cells, beside decodekit on the llama.cpp backend."""
+    if LLAMA_CPP not in cfg.peers:
+        return []
+    return [Run(name, LLAMA_CPP, LLAMA_CPP, bs, dict(PEER_STRATEGIES[name] or {}))
+            for bs in cfg.batch_sizes for name in PEER_STRATEGIES if name in cfg.strategies]
 
 
 def warm_up(ctx: Context, runs: list[Run]) -> None:

@@ -256,10 +256,11 @@ def _model_key(model) -> tuple:
     from decodekit.quant import quant_scheme
 
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    param = next(model.parameters())
+    param = next(model.parameters(), None)  # None: a model run outside torch (llama.cpp backend)
+    dtype, device = (param.dtype, str(param.device)) if param is not None else (None, str(model.device))
     return (type(model).__name__, getattr(cfg, "_name_or_path", ""), getattr(cfg, "num_hidden_layers", None),
-            getattr(cfg, "hidden_size", None), getattr(cfg, "vocab_size", None), param.dtype, quant_scheme(model),
-            str(param.device), id(model) if not getattr(cfg, "_name_or_path", "") else 0)
+            getattr(cfg, "hidden_size", None), getattr(cfg, "vocab_size", None), dtype, quant_scheme(model),
+            device, id(model) if not getattr(cfg, "_name_or_path", "") else 0)
 
 
 @torch.inference_mode()

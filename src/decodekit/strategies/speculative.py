@@ -486,8 +486,10 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
             return resolve_eagle(drafter.strip(), req.model)
         from decodekit.models import load_model
 
-        dtype = next(req.model.parameters()).dtype
-        model, tokenizer = load_model(drafter, dtype=dtype, device=str(req.model.device), param="drafter")
+        backend = getattr(req.model, "decodekit_backend", None)  # llama.cpp: the drafter runs there too
+        dtype = None if backend else next(req.model.parameters()).dtype
+        model, tokenizer = load_model(drafter, dtype=dtype, device=str(req.model.device), param="drafter",
+                                      backend=backend)
         _check_tokenizers(req.tokenizer, tokenizer)
         drafter = model
     if not isinstance(drafter, nn.Module) or not hasattr(drafter, "config"):
