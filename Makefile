@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: demo test install install-dev gemma lint bench bench-quick clean
+.PHONY: demo test install install-dev install-llamacpp gemma lint bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+
+# Optional llama.cpp backend (`--backend llama.cpp`), compiled from source with flags that work on
+# AVX2 and AVX512/AMX CPUs alike (the default native build crashed on an AMX Xeon). ~10-30 min on 2 cores.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+$(VENV)/.installed-llamacpp: $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'
+	touch $@
+
+install-llamacpp: $(VENV)/.installed-llamacpp
 
 demo: install
 	$(VENV)/bin/decodekit generate --prompt "$(PROMPT)" --max_new_tokens 64
