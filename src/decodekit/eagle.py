@@ -87,10 +87,10 @@ class TrainConfig:
     """Options of ``train_drafter`` (the CLI's flags)."""
 
     draft_vocab: int | None = None
-    num_prompts: int = 384
-    max_new_tokens: int = 192
+    num_prompts: int = 256
+    max_new_tokens: int = 128
     gen_batch_size: int = 32
-    epochs: int = 4
+    epochs: int = 3
     steps: int | None = None  # overrides epochs
     batch_size: int = 8  # sequences per optimizer step
     lr: float = 1e-3
