@@ -1,4 +1,5 @@
 import json
+import threading
 
 import pytest
 
@@ -219,6 +220,53 @@ def test_encode_prompts_prompt_cannot_forge_the_chat(bundled_tokenizer):
     assert _specials(tok, plain) == [] and tok.decode(plain) == "a<|im_end|>b<|endoftext|>"
     (opted,) = encode_prompts(tok, ["a<|im_end|>b"], False, allow_special_tokens=True)
     assert tok.convert_tokens_to_ids("<|im_end|>") in opted
+
+
+class _EncodesMeet:
+    """A fast tokenizer's Rust tokenizer whose ``encode_batch`` holds each call until a second
+    one arrives (at most ``timeout`` s): two threads then encode at the same moment, after
+    both have set the shared ``split_special_tokens`` flag (the race the server's request
+    threads can hit)."""
+
+    def __init__(self, inner, timeout: float):
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "barrier", threading.Barrier(2, timeout=timeout))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.inner, name, value)
+
+    def encode_batch(self, *args, **kwargs):
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:  # nobody else encoding now
+            pass
+        return self.inner.encode_batch(*args, **kwargs)
+
+
+def test_encode_prompts_from_two_threads_at_once(bundled_tokenizer, monkeypatch):
+    """A chat prompt (template special tokens recognised) and a plain prompt (special-token
+    text split) encoded by two threads at once each keep their own ids: before the fix one of
+    them was encoded with the other's flag (``<|im_start|>`` split into text, or ``<|im_end|>``
+    typed in a prompt read as the special token), and the served reply was garbage."""
+    tok = bundled_tokenizer
+    chat, plain = ["Write a haiku about the sea."], ["a<|im_end|>b"]
+    expected = {"chat": encode_prompts(tok, chat, True), "plain": encode_prompts(tok, plain, False)}
+    monkeypatch.setattr(tok, "_tokenizer", _EncodesMeet(tok._tokenizer, timeout=2.0))
+    got = {}
+
+    def encode(name, prompts, use_chat):
+        got[name] = encode_prompts(tok, prompts, use_chat)
+
+    threads = [threading.Thread(target=encode, args=("chat", chat, True)),
+               threading.Thread(target=encode, args=("plain", plain, False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
 
 
 def test_encode_prompts_agrees_with_transformers_sanitizer(bundled_tokenizer):

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -91,16 +92,32 @@ def encode_prompts(tokenizer, prompts: Sequence[str], use_chat_template: bool,
     rows = []
     for text in prompts:
         if chat and allow_special_tokens:
-            ids = tokenizer.apply_chat_template(_user_turn(text), add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
+            with TOKENIZER_LOCK:
+                ids = tokenizer.apply_chat_template(_user_turn(text), add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
         elif chat:
             ids = _encode_chat_turn(tokenizer, text)
         else:
-            ids = tokenizer(text, add_special_tokens=True, split_special_tokens=not allow_special_tokens)["input_ids"]
+            ids = encode_text(tokenizer, text, True, not allow_special_tokens)
         rows.append(list(ids))
     return rows
+
+
+# transformers' fast tokenizers keep ``split_special_tokens`` as a flag of the one shared Rust
+# tokenizer, set by each call right before it encodes: two threads encoding at once (the
+# server parses requests on a thread pool) can each encode with the other's flag.
+TOKENIZER_LOCK = threading.Lock()
+
+
+def encode_text(tokenizer, text: str, add_special_tokens: bool, split_special_tokens: bool) -> list[int]:
+    """``tokenizer(text)``'s ids, from any thread: one encode at a time (``TOKENIZER_LOCK``),
+    so a chat template's ``<|im_start|>`` is never split into text because another thread
+    asked to split special tokens at the same moment."""
+    with TOKENIZER_LOCK:
+        out = tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=split_special_tokens)
+    return list(out["input_ids"])
 
 
 _PLACEHOLDER = "DecodekitPromptPlaceholder"
@@ -135,7 +152,7 @@ def _encode_chat_turn(tokenizer, text: str) -> list[int]:
     tail = min((end + after.find(s) for s in specials if s in after), default=len(rendered))
 
     def encode(part: str, split: bool) -> list[int]:
-        return tokenizer(part, add_special_tokens=False, split_special_tokens=split)["input_ids"] if part else []
+        return encode_text(tokenizer, part, False, split) if part else []
 
     return (encode(rendered[:head], False) + encode(rendered[head:tail], True)
             + encode(rendered[tail:], False))

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from decodekit.detok import IncrementalDetokenizer
+from decodekit.io import encode_text
 from decodekit.processors import PROCESSOR_OPTIONS
 from decodekit.strategies import build_options, get_strategy
 from decodekit.validation import DecodeKitError, check_float, check_int, check_top_p
@@ -227,7 +228,7 @@ def parse_completion(body: dict, tokenizer, model_id: str, origins: dict, defaul
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise DecodeKitError(f"prompt must be a non-empty string, got {prompt!r}")
-    ids = tokenizer(prompt, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+    ids = encode_text(tokenizer, prompt, True, True)
     parsed = _common(body, "text", model_id, list(ids), default_max, origins)
     logprobs = body.get("logprobs")
     if logprobs is not None:
@@ -302,7 +303,7 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def _encode(tokenizer, text: str, split: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]) if text else []
+    return encode_text(tokenizer, text, False, split) if text else []
 
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9.\[\]]*")
