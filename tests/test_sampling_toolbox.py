@@ -201,8 +201,11 @@ def test_real_model_logprobs_equal_transformers_scores(real_model):
 
 
 # ---------------------------------------------------------------------------- n samples per prompt
-@pytest.mark.parametrize("strategy,extra", [("sample", {}), ("speculative", {"drafter": "layers:1"}),
-                                            ("prompt_lookup", {})])
+# fixed drafting: the default cost policy picks draft widths from timings, and under sampling
+# the widths decide how the seeded generator is consumed, so two runs need not draw alike
+@pytest.mark.parametrize("strategy,extra", [("sample", {}),
+                                            ("speculative", {"drafter": "layers:1", "draft_policy": "fixed"}),
+                                            ("prompt_lookup", {"draft_policy": "fixed"})])
 def test_n_samples_share_one_prefill_and_equal_repeated_prompts(llama, strategy, extra):
     rows = ROWS[:3]
     batches = []
