@@ -22,8 +22,10 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -253,11 +255,7 @@ def generate(
     history processors (``repetition_penalty``...). ``logprobs=N`` fills ``output.logprobs``.
     Returns a ``GenerationOutput`` with the new tokens and per-request stats.
     """
-    chosen, opts, request = build_request(
-        model, input_ids, attention_mask, strategy=strategy, max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, logits_processor=logits_processor,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_strings=stop_strings,
-        logprobs=logprobs, tokenizer=tokenizer, streamer=streamer, use_cache=use_cache, debug=debug, **options)
+    chosen, opts, request = _build_request(SimpleNamespace(**locals()))  # every parameter above, by name
     was_training = model.training
     model.eval()
     try:
@@ -266,56 +264,52 @@ def generate(
         model.train(was_training)
 
 
-def build_request(
-    model,
-    input_ids,
-    attention_mask: Tensor | None = None,
-    *,
-    strategy: str = "greedy",
-    max_new_tokens: int = 64,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    logits_processor: LogitsProcessor | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_strings: str | Sequence[str] | None = None,
-    logprobs: int | None = None,
-    tokenizer=None,
-    streamer=None,
-    use_cache: bool = True,
-    debug: bool = False,
-    **options,
-) -> tuple[Strategy, object, DecodeRequest]:
+_GENERATE_SIGNATURE = inspect.signature(generate)
+
+
+def build_request(model, input_ids, attention_mask: Tensor | None = None,
+                  **params) -> tuple[Strategy, object, DecodeRequest]:
     """Everything ``generate`` checks and builds before decoding, without a forward: the
     strategy record, its validated options and the ``DecodeRequest`` (same arguments as
     ``generate``; bad input raises ``DecodeKitError``). ``decodekit.serve`` validates and
     starts requests with it."""
-    chosen = get_strategy(strategy)
-    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    opts = build_options(strategy, {k: v for k, v in options.items() if k not in PROCESSOR_OPTIONS}, knobs)
-    knobs.update({k: v for k, v in options.items() if k in PROCESSOR_OPTIONS})
-    check_int("max_new_tokens", max_new_tokens, min_value=1)
-    check_min_new_tokens(knobs.get("min_new_tokens"), max_new_tokens)
-    if seed is not None:
-        check_int("seed", seed, min_value=0)
-    _check_logprobs(chosen, logprobs)
-    ids, mask, eos_ids, pad_token_id = _inputs(model, input_ids, attention_mask, eos_token_id,
-                                                pad_token_id, max_new_tokens)
-    processor = _make_processor(chosen, logits_processor, knobs, eos_ids, vocab_size(model))
+    bound = _GENERATE_SIGNATURE.bind(model, input_ids, attention_mask, **params)
+    bound.apply_defaults()
+    return _build_request(SimpleNamespace(**bound.arguments))
+
+
+# help() and inspect show generate's arguments, which build_request takes (one list, kept in generate)
+build_request.__signature__ = _GENERATE_SIGNATURE.replace(
+    return_annotation=build_request.__annotations__["return"])
+
+
+def _build_request(a: SimpleNamespace) -> tuple[Strategy, object, DecodeRequest]:
+    """``build_request`` on ``a``: every parameter of ``generate`` by name, defaults filled in."""
+    chosen = get_strategy(a.strategy)
+    knobs = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    opts = build_options(a.strategy, {k: v for k, v in a.options.items() if k not in PROCESSOR_OPTIONS}, knobs)
+    knobs.update({k: v for k, v in a.options.items() if k in PROCESSOR_OPTIONS})
+    check_int("max_new_tokens", a.max_new_tokens, min_value=1)
+    check_min_new_tokens(knobs.get("min_new_tokens"), a.max_new_tokens)
+    if a.seed is not None:
+        check_int("seed", a.seed, min_value=0)
+    _check_logprobs(chosen, a.logprobs)
+    model = a.model
+    ids, mask, eos_ids, pad_token_id = _inputs(model, a.input_ids, a.attention_mask, a.eos_token_id,
+                                                a.pad_token_id, a.max_new_tokens)
+    processor = _make_processor(chosen, a.logits_processor, knobs, eos_ids, vocab_size(model))
     ids, mask, shared = _share_prompts(ids, mask, opts.samples_per_prompt, processor)
-    stop_strings = check_stop_strings(stop_strings)
-    if stop_strings and tokenizer is None:
+    stop_strings = check_stop_strings(a.stop_strings)
+    if stop_strings and a.tokenizer is None:
         raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")
-    tracker = RowTracker(mask.sum(-1).tolist(), max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
-                         stop_strings=stop_strings, tokenizer=tokenizer, streamer=streamer)
-    tracker.logprobs_n = logprobs
+    tracker = RowTracker(mask.sum(-1).tolist(), max_new_tokens=a.max_new_tokens, eos_token_ids=eos_ids,
+                         stop_strings=stop_strings, tokenizer=a.tokenizer, streamer=a.streamer)
+    tracker.logprobs_n = a.logprobs
     request = DecodeRequest(
         model=model, input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-        processor=processor, tracker=tracker, max_new_tokens=max_new_tokens, eos_token_ids=eos_ids,
-        pad_token_id=pad_token_id, generator=_generator(seed, model), tokenizer=tokenizer, use_cache=use_cache,
-        debug=debug, shared=shared,
+        processor=processor, tracker=tracker, max_new_tokens=a.max_new_tokens, eos_token_ids=eos_ids,
+        pad_token_id=pad_token_id, generator=_generator(a.seed, model), tokenizer=a.tokenizer,
+        use_cache=a.use_cache, debug=a.debug, shared=shared,
     )
     return chosen, opts, request
 
