@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from decodekit.cache import ModelState, left_pad
 from decodekit.model_info import vocab_size
 from decodekit.strategies.base import DecodeRequest
-from decodekit.strategies.speculative import Draft, Drafter, maybe_compact
+from decodekit.strategies.speculative import Draft, Drafter, chain_draft, draw_draft, maybe_compact
 from decodekit.strategies.verify import VerifyResult
 from decodekit.validation import DecodeKitError
 
@@ -264,28 +264,22 @@ class EagleDrafter(Drafter):
     def _draw(self, hidden: Tensor, rows: list[list[int]] | None) -> tuple[Tensor, Tensor]:
         """Predicted features ``[B, H]`` -> ``q [B, V]`` (processed like p, zero outside the
         draft vocabulary) and a draft ``[B]``."""
-        logits = self.head.full_logits(self.head.logits(hidden)).float()
-        proc = self.req.processor
-        q = self.req.probs(logits, rows)
-        return q, (q.argmax(-1) if proc.is_greedy else proc.sample(q, generator=self.req.generator))
+        logits = self.head.full_logits(self.head.logits(hidden)).float()  # [B, V]
+        return draw_draft(self.req, logits, rows)
+
+    def _feed_draft(self, x: Tensor, hidden: Tensor) -> Tensor:
+        """Draft ``x [B]`` with the features ``[B, H]`` it was drawn from -> the next ``[B, H]``."""
+        return self._feed(x[:, None].to(self.head.device), hidden[:, None])
 
     def propose(self, rows: list[list[int]], k: int) -> Draft:
         ready = torch.tensor([len(p) > 0 for p in self.pending])  # [B] a row without features yet
         if not bool(ready.any()):  # (a one-token prompt without first_target) drafts nothing
             return Draft.empty(len(rows), self.head.device)
-        hidden = self._feed_pending(rows)
-        history = self.req.processor.needs_history
-        qs, tokens = [], []
-        for i in range(k):
-            seen = [r + d for r, d in zip(rows, torch.stack(tokens, 1).tolist())] if history and i else rows
-            q, x = self._draw(hidden, seen if history else None)  # [B, V], [B]
-            qs.append(q)
-            tokens.append(x)
-            if i < k - 1:
-                hidden = self._feed(x[:, None].to(self.head.device), hidden[:, None])
+        hidden = self._feed_pending(rows)  # [B, H]
+        tokens, q = chain_draft(self.req, rows, k, hidden, self._draw, self._feed_draft)  # [B, k], [B, k, V]
         self.fed = max(k - 1, 0)
         drafted = torch.where(ready, k, 0).to(hidden.device)
-        return Draft(torch.stack(tokens, 1), drafted, torch.stack(qs, 1))
+        return Draft(tokens, drafted, q)
 
     def update(self, draft: Draft, result: VerifyResult, p: Tensor) -> None:
         self.state.crop(self.fed)  # the head's own features: replaced by the target's below

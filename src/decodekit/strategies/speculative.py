@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -109,6 +110,33 @@ class Drafter:
     def step_cost(self, batch: int) -> float:
         """Seconds one drafting step costs for ``batch`` rows (the cost policy uses it)."""
         return 0.0
+
+
+def draw_draft(req: DecodeRequest, logits: Tensor, rows: list[list[int]] | None) -> tuple[Tensor, Tensor]:
+    """Drafter ``logits [B, V]`` -> ``q [B, V]`` (processed like p, with the same history
+    ``rows``) and a draft ``[B]`` from it (its argmax when greedy)."""
+    proc = req.processor
+    q = req.probs(logits, rows)
+    return q, (q.argmax(-1) if proc.is_greedy else proc.sample(q, generator=req.generator))
+
+
+def chain_draft(req: DecodeRequest, rows: list[list[int]], k: int, state: Tensor,
+                draw: Callable[[Tensor, list[list[int]] | None], tuple[Tensor, Tensor]],
+                feed: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """``k >= 1`` drafts, one at a time (a chain): ``draw(state, history)`` -> ``q [B, V]``,
+    draft ``[B]``; ``feed(draft [B], state)`` -> the drafter's state after that draft (not
+    called after the last). ``state`` is whatever the drafter draws from (logits ``[B, V]``,
+    EAGLE's features ``[B, H]``). Returns ``tokens [B, k]`` and ``q [B, k, V]``."""
+    history = req.processor.needs_history
+    qs, tokens = [], []
+    for i in range(k):
+        seen = [r + d for r, d in zip(rows, torch.stack(tokens, 1).tolist())] if history and i else rows
+        q, x = draw(state, seen if history else None)  # [B, V], [B]
+        qs.append(q)
+        tokens.append(x)
+        if i < k - 1:
+            state = feed(x, state)
+    return torch.stack(tokens, 1), torch.stack(qs, 1)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -357,30 +385,20 @@ class ModelDrafter(Drafter):
         return self._first
 
     def _draw(self, logits: Tensor, rows: list[list[int]] | None) -> tuple[Tensor, Tensor]:
-        """``[B, V]`` logits -> ``q [B, V]`` (processed like p, with the same history ``rows``)
-        and a draft ``[B]`` from it."""
-        proc = self.req.processor
-        q = self.req.probs(logits, rows)
-        if proc.is_greedy:
-            return q, q.argmax(-1)
-        return q, proc.sample(q, generator=self.req.generator)
+        """``[B, V]`` logits -> ``q [B, V]`` and a draft ``[B]`` (``draw_draft``)."""
+        return draw_draft(self.req, logits, rows)
+
+    def _feed(self, x: Tensor, logits: Tensor) -> Tensor:
+        """Draft ``x [B]`` into the drafter's cache -> logits ``[B, V]`` for the next draft."""
+        return self.state.extend(x[:, None])[:, -1]
 
     def propose(self, rows: list[list[int]], k: int) -> Draft:
-        logits = self.first_logits(rows)
+        logits = self.first_logits(rows)  # [B, V]
         self._first = None
-        qs, tokens = [], []
-        history = self.req.processor.needs_history
-        for i in range(k):
-            seen = [r + d for r, d in zip(rows, torch.stack(tokens, 1).tolist())] if history and i else rows
-            q, x = self._draw(logits, seen if history else None)  # [B, V], [B]
-            qs.append(q)
-            tokens.append(x)
-            if i < k - 1:
-                logits = self.state.extend(x[:, None])[:, -1]
+        self.proposed, q = chain_draft(self.req, rows, k, logits, self._draw, self._feed)  # [B, k], [B, k, V]
         self.fed = max(k - 1, 0)
         drafted = torch.full((len(rows),), k, dtype=torch.long, device=logits.device)
-        self.proposed = torch.stack(tokens, 1)  # [B, k]
-        return Draft(self.proposed, drafted, torch.stack(qs, 1))
+        return Draft(self.proposed, drafted, q)
 
     def update(self, draft: Draft, result: VerifyResult, p: Tensor) -> None:
         """Keep the fed drafts that were accepted. The verified drafts may be another
