@@ -163,6 +163,35 @@ def test_mixed_lanes_logprobs_and_seeded_sampling(model, engine):
     assert cols[3].tokens[0] == offline(model, REPEATING[2], **dict(sample, seed=8))[0]
 
 
+def test_strategies_and_knobs_share_one_mixed_lane(model, engine):
+    """Prompt lookup, NASD, greedy (with logprobs), unseeded sampling with top_p and a penalty
+    row, joining at different times, decode in ONE batch; every lossless row equals offline
+    generate for its prompt alone (greedy rows verified next to sampling rows stay greedy)."""
+    fixed = dict(draft_policy="fixed", gamma=3, ignore_eos=True)
+    params = [dict(strategy="prompt_lookup", max_new_tokens=40, **fixed),
+              dict(strategy="ngram", max_new_tokens=36, **fixed),
+              dict(strategy="greedy", max_new_tokens=30, logprobs=1, ignore_eos=True),
+              dict(strategy="sample", temperature=0.9, top_p=0.9, max_new_tokens=24, ignore_eos=True),
+              dict(strategy="prompt_lookup", repetition_penalty=1.3, max_new_tokens=20, **fixed),
+              dict(strategy="greedy", max_new_tokens=12, ignore_eos=True)]
+    prompts = [REPEATING[i % 3] for i in range(len(params))]
+    cols, seen = [], []
+    for prompt, p in zip(prompts, params):
+        cols.append(Collect())
+        engine.submit(EngineRequest(prompt, p), cols[-1])
+        cols[-1].wait_tokens(2)
+        seen.append((engine.metrics()["batch_size"], engine.metrics()["lanes"]))
+    for col in cols:
+        assert col.wait().error is None, col.error
+    assert max(b for b, _ in seen) >= 4 and max(n for _, n in seen) == 1  # one lane, many rows
+    for prompt, p, col in zip(prompts, params, cols):
+        assert len(col.tokens[0]) == p["max_new_tokens"] and col.done[0].stats["batched"]
+        if p["strategy"] != "sample":
+            assert col.tokens[0] == offline(model, prompt, **p)[0], p
+    assert {"accepted"} <= set(cols[0].kinds[0]) and set(cols[2].kinds[0]) == {"plain"}
+    assert len(cols[2].logprobs[0]) == 30
+
+
 def test_n_samples_are_choices(engine):
     col = Collect(n=2)
     engine.submit(EngineRequest([5, 6, 7], dict(strategy="sample", num_return_sequences=2, max_new_tokens=6,

@@ -3,12 +3,15 @@
 A request (``EngineRequest``: prompt ids + ``decodekit.generate``'s keyword arguments) is
 validated by ``check`` exactly as ``generate`` validates (``api.build_request``), then queued.
 
-* **Lanes.** Requests that can share a batch (strategies greedy, sample, prompt_lookup,
-  ngram, speculative) and have the same strategy, options and sampling knobs share a *lane*:
-  one running ``speculative._Run``, the loop every speculative strategy uses, stepped with
+* **Lanes.** Requests that can share a batch share a *lane*: one running
+  ``speculative._Run``, the loop every speculative strategy uses, stepped with
   ``speculative._step`` (greedy and sample are the same loop with a drafter that never
-  drafts). Per-row settings (``max_new_tokens``, ``stop_strings``, ``logprobs``,
-  ``num_return_sequences``) may differ inside a lane. The engine thread steps each lane in
+  drafts). Strategies greedy, sample, prompt_lookup and ngram share one *mixed* lane
+  (``serve.mixed``: each row keeps its own processor and drafter) when their draft-length
+  options agree (greedy and sample rows take the drafting strategies' defaults);
+  ``speculative`` requests share a lane with the same options and knobs. Per-row settings
+  (``max_new_tokens``, ``stop_strings``, ``logprobs``, ``num_return_sequences``) may
+  differ inside a lane. The engine thread steps each lane in
   turn (round robin); between steps queued requests join: each is prefilled on its own
   (``speculative._begin``) and merged into its lane (``_Run.add_rows``: target cache,
   drafter and draft-length policy rows); finished and cancelled rows leave.
@@ -43,8 +46,9 @@ from decodekit.api import build_request, generate
 from decodekit.model_info import vocab_size
 from decodekit.ngram_storage import NGramStorage
 from decodekit.outputs import RowTracker, logprob_entries
-from decodekit.strategies.draft_policy import DraftPolicy
-from decodekit.strategies.ngram import NgramDrafter, PromptLookupDrafter
+from decodekit.serve.mixed import RowDrafters, RowProcessors
+from decodekit.strategies.draft_policy import DraftPolicy, make_policy
+from decodekit.strategies.ngram import NgramDrafter, PromptLookupDrafter, PromptLookupOptions
 from decodekit.strategies.speculative import (
     Drafter,
     ModelDrafter,
@@ -64,7 +68,10 @@ BATCHED_STRATEGIES = ("greedy", "sample", "prompt_lookup", "ngram", "speculative
 KINDS = {"target": "plain", "draft": "accepted", "recovered": "corrected", "bonus": "bonus"}
 ROW_PARAMS = ("max_new_tokens", "stop_strings", "logprobs", "num_return_sequences", "show_drafts")
 ENGINE_PARAMS = ("tokenizer", "streamer", "debug", "use_cache", "input_ids", "attention_mask")
-JOINABLE = (Drafter, ModelDrafter, NgramDrafter, PromptLookupDrafter)  # drafters that take rows
+JOINABLE = (Drafter, ModelDrafter, NgramDrafter, PromptLookupDrafter, RowDrafters)  # drafters that take rows
+MIXED = ("greedy", "sample", "prompt_lookup", "ngram")  # strategies that share one lane (serve.mixed)
+POLICY_FIELDS = ("draft_policy", "gamma", "gamma_min", "gamma_max", "egag_ema_beta")
+MIXED_KEY_LENGTH = 2 + len(POLICY_FIELDS)  # ("mixed", *policy options, first_target); seeded keys are longer
 RATE_WINDOW_S = 10.0  # tokens_per_s: tokens emitted over the last this many seconds
 
 
@@ -268,6 +275,13 @@ class _LaneRun(_Run):
         super().add_rows(other)
         self.req.tracker.add(other.req.tracker)
         self.req._prompts.update(other.req._prompts)
+        if isinstance(self.req.processor, RowProcessors):
+            self.req.processor.add_rows(other.req.processor)
+
+    def drop_finished(self, finished: list[bool]) -> None:
+        super().drop_finished(finished)
+        if isinstance(self.req.processor, RowProcessors) and any(finished):
+            self.req.processor.select_rows([i for i, f in enumerate(finished) if not f])
 
     def jobs(self) -> list[_Job]:
         return list({id(j): j for j, _ in self.req.tracker.owner.values()}.values())
@@ -296,14 +310,43 @@ def _hashable(value):
     return ("object", id(value))  # a model or a processor object: only the same one shares
 
 
+def _policy_options(job: _Job) -> PromptLookupOptions:
+    """The draft-length options of ``job``'s mixed lane: its own for prompt_lookup / ngram;
+    greedy and sample rows draft nothing and join the drafting strategies' default lane."""
+    return job.opts if isinstance(job.opts, PromptLookupOptions) else PromptLookupOptions()
+
+
+def _key_policy(key: tuple) -> DraftPolicy:
+    """A fresh draft-length policy from a mixed lane's key."""
+    name, gamma, gamma_min, gamma_max, beta = key[1:1 + len(POLICY_FIELDS)]
+    return make_policy(name, gamma=gamma, gamma_min=gamma_min, gamma_max=gamma_max, egag_ema_beta=beta)
+
+
 def _lane_key(job: _Job) -> tuple:
-    """Requests with equal keys can share a lane: same strategy, options and knobs."""
-    params = {k: v for k, v in job.request.params.items() if k not in ROW_PARAMS}
-    params.setdefault("strategy", "greedy")
-    key = tuple(sorted((k, _hashable(v)) for k, v in params.items()))
+    """Requests with equal keys can share a lane. Mixed strategies: the same draft-length
+    options and ``first_target`` (processors and drafters are per row); the others: the same
+    strategy, options and knobs."""
+    if job.strategy.name in MIXED:
+        opts = _policy_options(job)
+        key = ("mixed", *(getattr(opts, f) for f in POLICY_FIELDS), getattr(job.opts, "first_target", True))
+    else:
+        params = {k: v for k, v in job.request.params.items() if k not in ROW_PARAMS}
+        params.setdefault("strategy", "greedy")
+        key = tuple(sorted((k, _hashable(v)) for k, v in params.items()))
     if job.dreq.generator is not None and not job.dreq.processor.is_greedy:
         key += (("seeded request", id(job)),)  # its generator serves its rows only
     return key
+
+
+def _drafter_kind(job: _Job) -> tuple:
+    """Rows whose drafters are of one kind share a sub-drafter in a mixed lane."""
+    name, opts = job.strategy.name, job.opts
+    if name == "prompt_lookup":
+        return name, opts.ngram_n
+    if name == "ngram":
+        storage = None if opts.storage is None else id(opts.storage)
+        return name, opts.ngram_n, opts.filler_top_k, opts.stop_if_unknown, storage
+    return ("none",)
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -388,6 +431,7 @@ class Engine:
             "requests_running": counts["requests_running"] - queued,
             "queue_depth": queued,
             "batch_size": sum(lane.rows for lane in list(self._lanes.values())),
+            "lanes": len(self._lanes),
             "generated_tokens_total": counts["generated_tokens_total"],
             "tokens_per_s": round(recent / RATE_WINDOW_S, 3),
             "acceptance_rate": round(counts["accepted"] / counts["drafted"], 4) if counts["drafted"] else 0.0,
@@ -450,9 +494,9 @@ class Engine:
                 if job.cancelled:
                     job.close()
                     continue
-                key = job.key = _lane_key(job)
-                lane = self._lanes.get(key)
                 n = len(job.tracker.tokens)
+                key = job.key = self._lane_for(job, rows, n)
+                lane = self._lanes.get(key)
                 busy = key in rows and (lane is None or not lane.joinable or rows[key] + n > self.max_batch_size)
                 if busy:
                     waiting.append(job)
@@ -461,6 +505,19 @@ class Engine:
                 out.append(job)
             self._pending = waiting
         return out
+
+    def _lane_for(self, job: _Job, rows: dict[tuple, int], n: int) -> tuple:
+        """``job``'s lane key. Greedy and unseeded sample rows never draft, so they join any
+        mixed lane (whatever its draft-length options) that has room for their ``n`` rows."""
+        key = _lane_key(job)
+        if job.strategy.name not in ("greedy", "sample") or len(key) != MIXED_KEY_LENGTH:
+            return key
+        for other, count in rows.items():
+            lane = self._lanes.get(other)
+            fits = count + n <= self.max_batch_size and (lane is None or lane.joinable)
+            if len(other) == MIXED_KEY_LENGTH and other[0] == "mixed" and other[-1] == key[-1] and fits:
+                return other
+        return key
 
     def _join(self, job: _Job) -> None:
         """Prefill ``job`` on its own, then merge it into its lane (or start the lane)."""
@@ -492,8 +549,15 @@ class Engine:
         req = replace(job.dreq, tracker=_LaneTracker(job, ids))
         req._prompts = dict(zip(ids, req.prompt_rows(), strict=True))
         drafter = self._drafter(job, req, lane)
-        policy = job.opts.policy() if hasattr(job.opts, "policy") else DraftPolicy(gamma=0)
+        mixed = job.strategy.name in MIXED
+        if mixed:  # the lane's draft-length options (a greedy row may join a lane of other options)
+            policy = _key_policy(job.key)
+        else:
+            policy = job.opts.policy() if hasattr(job.opts, "policy") else DraftPolicy(gamma=0)
         policy.check(drafter)
+        if mixed:  # per-row processors and drafters (serve.mixed)
+            req.processor = RowProcessors([req.processor] * len(ids))
+            drafter = RowDrafters(_drafter_kind(job), drafter, len(ids))
         run = _LaneRun(req, drafter, policy)
         _begin(run, self._first_target(job))
         self._count_forwards(run.state.forwards)

@@ -20,6 +20,7 @@ ENGINE_METRICS = {
     "requests_running": ("gauge", "requests decoding now"),
     "queue_depth": ("gauge", "requests waiting for a batch slot"),
     "batch_size": ("gauge", "rows in the running batch"),
+    "lanes": ("gauge", "batches decoding now (rows that can share a forward share one)"),
     "generated_tokens_total": ("counter", "tokens generated"),
     "forwards_total": ("counter", "model forward passes"),
     "tokens_per_s": ("gauge", "recent generation throughput, tokens per second"),
