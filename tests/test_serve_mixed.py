@@ -45,7 +45,8 @@ def test_row_processors_follow_the_batch():
     rows.select_rows([0, 2, 4])
     assert rows.procs == [procs[0], procs[2], procs[4]]
     assert not RowProcessors([procs[0], procs[3]]).needs_history
-    assert RowProcessors([procs[0], procs[3]]).is_greedy
+    assert RowProcessors([procs[0], procs[3]]).is_greedy and RowProcessors([procs[0], procs[3]]).greedy_rows is True
+    assert rows.greedy_rows.tolist() == [True, True, False]  # a penalty alone is greedy
 
 
 def test_greedy_rows_verified_in_sampling_mode_stay_greedy():
@@ -61,6 +62,27 @@ def test_greedy_rows_verified_in_sampling_mode_stay_greedy():
         want = verify(p, drafts, drafted, greedy=True)
         got = verify(p, drafts, drafted, greedy=False, generator=gen)
         assert torch.equal(got.accepted, want.accepted) and torch.equal(got.next_tokens, want.next_tokens)
+
+
+def test_verify_with_per_row_greedy_flags():
+    """``verify(greedy=[B] flags)``: greedy rows give exactly the greedy verdict; sampled rows
+    keep the rejection sampler's law (the first emitted token follows p), over 20k rows."""
+    gen = torch.Generator().manual_seed(2)
+    n, vocab = 20000, 5
+    logits = torch.randn(n, 2, vocab, generator=gen)
+    greedy = torch.arange(n) % 2 == 0  # [N] even rows greedy
+    p = torch.where(greedy[:, None, None], torch.nn.functional.one_hot(logits.argmax(-1), vocab).float(),
+                    torch.softmax(logits, -1))
+    p[1::2] = torch.softmax(torch.tensor([[1.0, 0.2, -0.5, 0.7, 0.0]] * 2), -1)  # sampled rows: one law
+    drafts = torch.randint(0, vocab, (n, 1), generator=gen)
+    drafted = torch.ones(n, dtype=torch.long)
+    got = verify(p, drafts, drafted, greedy=greedy, generator=gen)
+    want = verify(p[greedy], drafts[greedy], drafted[greedy], greedy=True)
+    assert torch.equal(got.accepted[greedy], want.accepted) and torch.equal(got.next_tokens[greedy], want.next_tokens)
+    sampled = ~greedy
+    first = torch.where(got.accepted[sampled] > 0, drafts[sampled, 0], got.next_tokens[sampled])
+    freq = torch.bincount(first, minlength=vocab).float() / int(sampled.sum())
+    assert float((freq - p[1, 0]).abs().sum()) / 2 < 0.02  # total variation (expected ~0.005)
 
 
 class _Req:

@@ -13,14 +13,15 @@ Two pieces make that exact, row by row:
   sample, prompt lookup, NASD), one sub-drafter per drafter kind holding its rows in lane
   order.
 
-The lane verifies with the shared rejection sampler in sampling mode as soon as one row
-samples. That is exact for greedy rows too: their ``p`` is one-hot on the argmax, so a
-draft is accepted with probability ``p(x) / q(x)`` in {0, 1} (it equals the argmax or
-not), the residual after a rejection is one-hot on the argmax, and so is the bonus
-distribution (``verify.py``): a greedy row emits its greedy tokens whatever its neighbours.
+The lane verifies with the shared rejection sampler, told which rows are greedy
+(``RowProcessors.greedy_rows``): those accept a draft exactly when it is the argmax and emit
+the argmax, the others accept and draw as the sampler does, so a greedy row emits its greedy
+tokens whatever its neighbours and only sampled rows pay for a draw over the vocabulary.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +63,12 @@ class RowProcessors:
     @property
     def is_greedy(self) -> bool:
         return all(p.is_greedy for p in self.procs)
+
+    @property
+    def greedy_rows(self) -> Tensor | bool:
+        """``[B]`` bool: the rows ``verify`` decodes by argmax (no draw); one bool when all agree."""
+        flags = [p.is_greedy for p in self.procs]
+        return flags[0] if len(set(flags)) <= 1 and flags else torch.tensor(flags)
 
     @property
     def needs_history(self) -> bool:
@@ -139,8 +146,15 @@ class RowDrafters(Drafter):
         self.kinds: list = [kind] * rows
 
     def prefill(self, req) -> None:
-        for sub in self.subs.values():
-            sub.prefill(req)
+        """Each sub-drafter is prefilled with its own rows of ``req``."""
+        for kind, sub in self.subs.items():
+            rows = torch.tensor(_positions(self.kinds, kind))
+            own = req
+            if len(rows) < len(self.kinds):
+                index = rows.to(req.input_ids.device)
+                own = replace(req, input_ids=req.input_ids[index], attention_mask=req.attention_mask[index],
+                              shared=None)
+            sub.prefill(own)
 
     def propose(self, rows: list[list[int]], k: int) -> Draft:
         bsz = len(rows)

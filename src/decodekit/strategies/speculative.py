@@ -299,7 +299,7 @@ def _step(run: _Run, skip_sample_adjustment: bool) -> None:
     scores = _target_scores(run, draft)  # 3: [B, k+1, V]
     p = req.processor.distribution(scores)  # [B, k+1, V]
     result = verify(p, draft.tokens.to(p.device), draft.drafted, draft.q,  # 4
-                    greedy=req.processor.is_greedy, generator=req.generator,
+                    greedy=getattr(req.processor, "greedy_rows", req.processor.is_greedy), generator=req.generator,
                     skip_sample_adjustment=skip_sample_adjustment)
     run.state.rollback(draft.k - result.accepted)  # 5: keep [last, accepted drafts]
     run.drafter.update(draft, result, p)
