@@ -192,6 +192,43 @@ def test_strategies_and_knobs_share_one_mixed_lane(model, engine):
     assert len(cols[2].logprobs[0]) == 30
 
 
+def test_requests_admitted_together_are_prefilled_in_one_batch(model, monkeypatch):
+    """Requests waiting when the engine looks are prefilled in ONE forward (left padded, the
+    copies of a num_return_sequences prompt shared), each row with its own drafter and
+    processor; lossless rows equal offline generate."""
+    from decodekit.cache import ModelState
+
+    batches, prefill = [], ModelState.prefill.__func__
+
+    def spy(cls, model_, ids, *args, **kwargs):
+        batches.append(ids.shape[0])
+        return prefill(cls, model_, ids, *args, **kwargs)
+
+    monkeypatch.setattr(ModelState, "prefill", classmethod(spy))
+    fixed = dict(draft_policy="fixed", gamma=3, ignore_eos=True)
+    params = [dict(strategy="prompt_lookup", max_new_tokens=20, **fixed),
+              dict(strategy="ngram", max_new_tokens=16, **fixed),
+              dict(strategy="greedy", max_new_tokens=12, ignore_eos=True),
+              dict(strategy="sample", num_return_sequences=2, max_new_tokens=10, ignore_eos=True),
+              dict(strategy="prompt_lookup", repetition_penalty=1.3, max_new_tokens=14, **fixed)]
+    prompts = [REPEATING[i % 3] for i in range(len(params))]
+    engine = Engine(model, None, max_batch_size=8)
+    cols = [Collect(n=p.get("num_return_sequences", 1)) for p in params]
+    for prompt, p, col in zip(prompts, params, cols):
+        engine.submit(EngineRequest(prompt, p), col)  # the engine is not running yet: all wait
+    engine.start()
+    try:
+        for col in cols:
+            assert col.wait().error is None, col.error
+    finally:
+        engine.stop()
+    assert 5 in batches  # five distinct prompts, one prefill (cost curves use powers of two)
+    for prompt, p, col in zip(prompts, params, cols):
+        assert all(len(col.tokens[i]) == p["max_new_tokens"] for i in range(col.n))
+        if p["strategy"] != "sample":
+            assert col.tokens[0] == offline(model, prompt, **p)[0], p
+
+
 def test_n_samples_are_choices(engine):
     col = Collect(n=2)
     engine.submit(EngineRequest([5, 6, 7], dict(strategy="sample", num_return_sequences=2, max_new_tokens=6,

@@ -43,11 +43,18 @@ import torch
 from torch import Tensor
 
 from decodekit.api import build_request, generate
+from decodekit.cache import left_pad
 from decodekit.model_info import vocab_size
 from decodekit.ngram_storage import NGramStorage
 from decodekit.outputs import RowTracker, logprob_entries
 from decodekit.serve.mixed import RowDrafters, RowProcessors
-from decodekit.strategies.draft_policy import DraftPolicy, make_policy
+from decodekit.strategies.base import DecodeRequest
+from decodekit.strategies.draft_policy import (
+    DraftPolicy,
+    batch_bucket,
+    forward_cost_curve,
+    make_policy,
+)
 from decodekit.strategies.ngram import NgramDrafter, PromptLookupDrafter, PromptLookupOptions
 from decodekit.strategies.speculative import (
     Drafter,
@@ -338,6 +345,50 @@ def _lane_key(job: _Job) -> tuple:
     return key
 
 
+def _prefilled_together(key: tuple) -> bool:
+    """Requests of an unseeded mixed lane admitted at once are prefilled in one batch."""
+    return key[0] == "mixed" and len(key) == MIXED_KEY_LENGTH
+
+
+def _join_groups(jobs: list[_Job]) -> list[list[_Job]]:
+    """Admitted jobs prefilled together: those of one unseeded mixed lane; the others alone."""
+    groups: dict[tuple, list[_Job]] = {}
+    out = []
+    for job in jobs:
+        if _prefilled_together(job.key):
+            if job.key not in groups:
+                groups[job.key] = []
+                out.append(groups[job.key])
+            groups[job.key].append(job)
+        else:
+            out.append([job])
+    return out
+
+
+def _joined_request(reqs: list[DecodeRequest], tracker: _LaneTracker) -> DecodeRequest:
+    """One request over the rows of several (their prompts left padded together; copies of
+    one prompt, ``num_return_sequences``, stay shared)."""
+    first = reqs[0]
+    if len(reqs) == 1:
+        return replace(first, tracker=tracker)
+    ids, mask = left_pad([row for r in reqs for row in r.prompt_rows()], first.pad_token_id)  # [B, T]
+    device = first.input_ids.device
+    return replace(first, input_ids=ids.to(device), attention_mask=mask.to(device), tracker=tracker,
+                   max_new_tokens=max(r.max_new_tokens for r in reqs), shared=_joined_shared(reqs))
+
+
+def _joined_shared(reqs: list[DecodeRequest]) -> Tensor | None:
+    """``shared [B]`` of the joined rows: each request's prompt numbers after the ones before."""
+    if all(r.shared is None for r in reqs):
+        return None
+    parts, offset = [], 0
+    for r in reqs:
+        own = r.shared.cpu() if r.shared is not None else torch.arange(r.input_ids.shape[0])
+        parts.append(own + offset)
+        offset += int(own[-1]) + 1
+    return torch.cat(parts)
+
+
 def _drafter_kind(job: _Job) -> tuple:
     """Rows whose drafters are of one kind share a sub-drafter in a mixed lane."""
     name, opts = job.strategy.name, job.opts
@@ -471,11 +522,28 @@ class Engine:
         return build_request(self.model, [list(prompt)], tokenizer=self.tokenizer, **req.params)
 
     # ------------------------------------------------------------------ the lane loop
+    def _warm_up(self) -> None:
+        """Measure the forward-cost curves the mixed lanes' draft policy reads, for every batch
+        size bucket up to ``max_batch_size``, before the first request (measured on first use
+        otherwise: ~5 s for 16 rows of the bundled model on 2 CPU cores, inside some request)."""
+        top = PromptLookupOptions().gamma + 1  # the default policy's widest verify forward
+        buckets = range(batch_bucket(self.max_batch_size).bit_length())
+        start = time.perf_counter()
+        try:
+            for bucket in (1 << b for b in buckets):
+                forward_cost_curve(self.model, top, batch=bucket)
+        except Exception:  # never fatal: the policies measure on first use instead
+            log.exception("measuring forward costs failed")
+            return
+        log.info("forward costs measured for batch sizes up to %d in %.1f s", self.max_batch_size,
+                 time.perf_counter() - start)
+
     def _loop(self) -> None:
         with torch.inference_mode():
+            self._warm_up()
             while not self._stopping.is_set():
-                for job in self._admissions():
-                    self._join(job)
+                for jobs in _join_groups(self._admissions()):
+                    self._join(jobs)
                 if not self._lanes:
                     with self._cond:
                         if not self._pending and not self._stopping.is_set():
@@ -497,7 +565,9 @@ class Engine:
                 n = len(job.tracker.tokens)
                 key = job.key = self._lane_for(job, rows, n)
                 lane = self._lanes.get(key)
-                busy = key in rows and (lane is None or not lane.joinable or rows[key] + n > self.max_batch_size)
+                # a lane starting now takes more rows only if mixed (they are prefilled with it)
+                joinable = lane.joinable if lane is not None else _prefilled_together(key)
+                busy = key in rows and (not joinable or rows[key] + n > self.max_batch_size)
                 if busy:
                     waiting.append(job)
                     continue
@@ -510,60 +580,83 @@ class Engine:
         """``job``'s lane key. Greedy and unseeded sample rows never draft, so they join any
         mixed lane (whatever its draft-length options) that has room for their ``n`` rows."""
         key = _lane_key(job)
-        if job.strategy.name not in ("greedy", "sample") or len(key) != MIXED_KEY_LENGTH:
+        if job.strategy.name not in ("greedy", "sample") or not _prefilled_together(key):
             return key
         for other, count in rows.items():
             lane = self._lanes.get(other)
             fits = count + n <= self.max_batch_size and (lane is None or lane.joinable)
-            if len(other) == MIXED_KEY_LENGTH and other[0] == "mixed" and other[-1] == key[-1] and fits:
+            if _prefilled_together(other) and other[-1] == key[-1] and fits:
                 return other
         return key
 
-    def _join(self, job: _Job) -> None:
-        """Prefill ``job`` on its own, then merge it into its lane (or start the lane)."""
-        lane = self._lanes.get(job.key)
+    def _join(self, jobs: list[_Job]) -> None:
+        """Prefill ``jobs`` (admitted together for one lane) in one batch, then merge them into
+        their lane (or start it). If several fail to start together, each is retried alone, so
+        only a request that cannot start fails."""
+        key, first = jobs[0].key, jobs[0]
+        lane = self._lanes.get(key)
         try:
-            run, draft_model = self._begin(job, lane)
-        except Exception as exc:  # this request only
+            run, draft_model = self._begin(jobs, lane)
+        except Exception as exc:
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._join([job])
+                return
             log.exception("request failed to start")
-            job.fail(_message(exc))
+            first.fail(_message(exc))
             return
         if run is None:  # every row finished at its first token
             return
         if lane is None:
             joinable = type(run.drafter) in JOINABLE
-            self._lanes[job.key] = _Lane(run, self._first_target(job), self._skip_adjustment(job), joinable,
-                                         draft_model)
+            self._lanes[key] = _Lane(run, self._first_target(first), self._skip_adjustment(first), joinable,
+                                     draft_model)
             return
         try:
             lane.run.add_rows(run)
         except Exception as exc:
-            log.exception("merging a request into its lane failed")
-            self._fail_lane(job.key, _message(exc))
-            job.fail(_message(exc))
+            log.exception("merging requests into their lane failed")
+            self._fail_lane(key, _message(exc))
+            for job in jobs:
+                job.fail(_message(exc))
 
-    def _begin(self, job: _Job, lane: _Lane | None) -> tuple[_LaneRun | None, object]:
-        """A run of ``job``'s rows alone: target prefilled, first token emitted (``_begin``)."""
-        ids = [next(self._ids) for _ in job.tracker.tokens]
-        job.tracker.t0 = time.perf_counter()
-        req = replace(job.dreq, tracker=_LaneTracker(job, ids))
-        req._prompts = dict(zip(ids, req.prompt_rows(), strict=True))
-        drafter = self._drafter(job, req, lane)
-        mixed = job.strategy.name in MIXED
-        if mixed:  # the lane's draft-length options (a greedy row may join a lane of other options)
-            policy = _key_policy(job.key)
+    def _begin(self, jobs: list[_Job], lane: _Lane | None) -> tuple[_LaneRun | None, object]:
+        """A run of ``jobs``' rows: target prefilled in one batch, first token emitted (``_begin``)."""
+        parts = []
+        for job in jobs:
+            job.tracker.t0 = time.perf_counter()
+            parts.append(_LaneTracker(job, [next(self._ids) for _ in job.tracker.tokens]))
+        tracker = parts[0]
+        for part in parts[1:]:
+            tracker.add(part)
+        req = _joined_request([job.dreq for job in jobs], tracker)
+        req._prompts = dict(zip(tracker.active, req.prompt_rows(), strict=True))
+        job = jobs[0]
+        if job.strategy.name in MIXED:  # per-row processors and drafters (serve.mixed)
+            policy = _key_policy(job.key)  # the lane's (a greedy row may join a lane of other options)
+            drafter = self._row_drafters(jobs, req, policy)
+            req.processor = RowProcessors([j.dreq.processor for j in jobs for _ in j.tracker.tokens])
         else:
+            drafter = self._drafter(job, req, lane)
             policy = job.opts.policy() if hasattr(job.opts, "policy") else DraftPolicy(gamma=0)
-        policy.check(drafter)
-        if mixed:  # per-row processors and drafters (serve.mixed)
-            req.processor = RowProcessors([req.processor] * len(ids))
-            drafter = RowDrafters(_drafter_kind(job), drafter, len(ids))
+            policy.check(drafter)
         run = _LaneRun(req, drafter, policy)
         _begin(run, self._first_target(job))
         self._count_forwards(run.state.forwards)
         if req.tracker.done:
             return None, None
         return run, getattr(drafter, "model", None)
+
+    def _row_drafters(self, jobs: list[_Job], req, policy: DraftPolicy) -> RowDrafters:
+        """Each job's drafter (checked against the lane's policy), as one ``RowDrafters``."""
+        parts = []
+        for job in jobs:
+            drafter = self._drafter(job, req, None)
+            policy.check(drafter)
+            parts.append(RowDrafters(_drafter_kind(job), drafter, len(job.tracker.tokens)))
+        for part in parts[1:]:
+            parts[0].add_rows(part)
+        return parts[0]
 
     def _drafter(self, job: _Job, req, lane: _Lane | None) -> Drafter:
         """A fresh drafter for ``job``'s rows, of its strategy (built as the strategy builds it)."""
