@@ -298,6 +298,8 @@ def run(args) -> int:
                                   trust_remote_code=args.trust_remote_code)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     engine.start()
+    print(f"decodekit serve: measuring forward costs for batch sizes up to {args.max_batch_size} "
+          "(once, before the first request: ~20 s for 16 rows of a 135M model on 2 CPU cores)", flush=True)
     model_id = args.model_path or DEFAULT_MODEL
     app = create_app(engine, tokenizer, model_id, context=context_length(model), api_key=args.api_key)
     print(f"decodekit serve: {model_id} on http://{args.host}:{args.port} (playground at /, "
