@@ -173,6 +173,19 @@ def test_every_strategy_runs_and_gives_its_sequences_back(gguf, strategy, option
 
 
 @pytest.mark.slow
+def test_beams_may_fill_every_sequence(gguf):
+    """4 prompts x 4 beams use all 16 sequences: a beam step frees the dropped beams' sequences
+    before it copies the kept ones (it asked for a 17th and failed before)."""
+    model, tokenizer = gguf
+    assert model.n_seq_max == 16
+    free = len(model._free)
+    prompts = encode(tokenizer, ["hi", "Why is the sky blue?", "Name three colors.", "What is 2+2?"])
+    out = decodekit.generate(model, prompts, strategy="beam", num_beams=4, max_new_tokens=6)
+    assert len(out.sequences) == 4 and all(out.sequences)
+    assert len(model._free) == free
+
+
+@pytest.mark.slow
 def test_what_llama_cpp_cannot_do_is_a_one_line_error(gguf):
     model, tokenizer = gguf
     rows = encode(tokenizer, ["hi"])

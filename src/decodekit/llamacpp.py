@@ -292,6 +292,10 @@ class LlamaCppState(ModelState):
     def select_rows(self, index: Tensor) -> None:
         """Keep/reorder rows; a row picked twice (beams) gets a copy of its sequence."""
         idx = index.cpu().tolist()
+        kept = {self.seqs[i] for i in idx}
+        for seq in self.seqs:  # dropped rows first: beams x prompts may fill n_seq_max exactly
+            if seq not in kept:
+                self.model.free_seq(seq)
         seqs, taken = [], set()
         for i in idx:
             seq = self.seqs[i]
@@ -301,9 +305,6 @@ class LlamaCppState(ModelState):
                 seq = copy
             taken.add(seq)
             seqs.append(seq)
-        for seq in self.seqs:
-            if seq not in taken:
-                self.model.free_seq(seq)
         self.seqs, self.pos = seqs, [self.pos[i] for i in idx]
         super().select_rows(index.cpu())
 
