@@ -195,10 +195,31 @@ def test_what_llama_cpp_cannot_do_is_a_one_line_error(gguf):
         decodekit.generate(model, rows, strategy="speculative", drafter="layers:4", max_new_tokens=4)
 
 
-# ---------------------------------------------------------------------------- bad combinations
+@pytest.mark.slow
+def test_requantized_gguf_is_made_once_and_equals_llama_cpps_own_greedy(gguf, tmp_path, monkeypatch):
+    """dtype="q4_0": llama.cpp requantizes the GGUF once into decodekit's cache (a second load
+    reuses the file); greedy on it is token-identical to llama.cpp's own greedy on that file."""
+    from llama_cpp import Llama
+
+    monkeypatch.setenv("DECODEKIT_CACHE", str(tmp_path))
+    model, tokenizer = decodekit.load_model(backend="llama.cpp", dtype="q4_0", n_seq_max=2)
+    assert model.path.parent == tmp_path / "gguf" / "requantized" and model.path.name.endswith("-q4_0.gguf")
+    made = model.path.stat().st_mtime_ns
+    again, _ = decodekit.load_model(backend="llama.cpp", dtype="q4_0", n_seq_max=2)
+    assert again.path == model.path and model.path.stat().st_mtime_ns == made
+    assert model.path.stat().st_size < gguf[0].path.stat().st_size  # Q4_0 is smaller than Q4_1
+    reference = Llama(str(model.path), n_ctx=1024, n_threads=1, n_threads_batch=1, verbose=False)
+    rows = encode(tokenizer, CHAT_PROMPTS[:2])
+    eos = {model.generation_config.eos_token_id}
+    for row in rows:
+        assert decodekit.generate(model, [row], max_new_tokens=16).sequences == [llama_greedy(reference, row, 16, eos)]
+
+
+# ---------------------------------------------------------------------------- bad combinations# ---------------------------------------------------------------------------- bad combinations
 @pytest.mark.parametrize("kwargs,match", [
     (dict(backend="vllm"), "backend must be one of 'torch', 'llama.cpp'"),
-    (dict(backend="llama.cpp", dtype="int8"), "dtype 'int8' does not apply to backend 'llama.cpp'"),
+    (dict(backend="llama.cpp", dtype="int8"), "dtype 'int8' does not apply to backend 'llama.cpp'.* give q4_0 or q8_0"),
+    (dict(dtype="q4_0"), "dtype must be one of"),  # a requantized GGUF is for the llama.cpp backend
     (dict(backend="llama.cpp", device="cuda"), "backend 'llama.cpp' runs on the CPU"),
     (dict(n_ctx=4096), "n_ctx: options of backend 'llama.cpp' only"),
 ])
@@ -226,6 +247,7 @@ def test_llama_cpp_backend_without_llama_cpp_installed(monkeypatch):
      "drafter 'layers:4' .* not available on backend 'llama.cpp'"),
     (["--backend", "llama.cpp", "--engine", "ray"], "runs in this process only"),
     (["--backend", "torch2"], "backend must be one of"),
+    (["--dtype", "q8_0"], "dtype must be one of"),
 ])
 def test_cli_bad_backend_flags_exit_2_in_one_line(monkeypatch, capsys, argv, match):
     from decodekit.cli import main
@@ -282,6 +304,13 @@ def test_bench_plans_llama_cpp_peer_rows_beside_ours(monkeypatch, tmp_path):
         assert ("prompt_lookup", "llama.cpp", "llama.cpp", bs) in keys
         assert ("greedy", "decodekit", "llama.cpp", bs) in keys
     assert not any(impl in ("floor", "transformers") for _, impl, _, _ in keys)  # torch-only rows
+    cfg = resolve_config(bench_args(peers="llama.cpp", dtypes="float32,llama.cpp:q4_0", strategies="greedy",
+                                    batch_sizes="1", gammas="", output_dir=tmp_path))
+    keys = {(r.strategy, r.impl, r.dtype) for r in plan_runs(cfg)}
+    assert {("greedy", "llama.cpp", "llama.cpp:q4_0"), ("greedy", "decodekit", "llama.cpp:q4_0"),
+            ("greedy", "transformers", "float32")} <= keys  # the peer runs beside our requantized model
+    with pytest.raises(DecodeKitError, match="dtypes must be one of"):
+        resolve_config(bench_args(dtypes="llama.cpp:q4_1", output_dir=tmp_path))
 
 
 @pytest.mark.slow

@@ -42,18 +42,19 @@ def add_model_flags(parser) -> None:
     add_flag(parser, "device", default="auto", help="cpu | cuda | auto (default auto)")
     from decodekit.models import DEFAULT_DTYPE, DTYPES
 
-    add_flag(parser, "dtype", default=None, help=f"{' | '.join(DTYPES)} (default {DEFAULT_DTYPE})")
+    add_flag(parser, "dtype", default=None, help=f"{' | '.join(DTYPES)} (default {DEFAULT_DTYPE}); with "
+             "--backend llama.cpp: q4_0 | q8_0 (the GGUF requantized by llama.cpp, cached; default: as it is)")
     add_flag(parser, "trust_remote_code", action="store_true")
 
 
 def add_backend_flag(parser) -> None:
     add_flag(parser, "backend", default="torch",
              help="torch | llama.cpp: run a GGUF model's own quantized weights in llama.cpp "
-                  "(pip install 'decodekit[llamacpp]', see README; no --dtype) (default torch)")
+                  "(pip install 'decodekit[llamacpp]', see README) (default torch)")
 
 
 def _validate_backend(args) -> None:
-    """``--backend llama.cpp``: a GGUF model, no --dtype, this process, no layers:N drafter
+    """``--backend llama.cpp``: a GGUF model, --dtype q4_0 | q8_0 or none, this process, no layers:N drafter
     (llama.cpp runs the whole model), llama-cpp-python installed. Nothing is loaded."""
     from decodekit.models import check_backend
 
@@ -277,7 +278,7 @@ def _validate_model_args(args) -> None:
     """Model flags, checked without loading or converting anything."""
     from decodekit.models import DTYPES, check_model_spec, resolve_device
 
-    if args.dtype is not None:
+    if args.dtype is not None and getattr(args, "backend", "torch") != "llama.cpp":  # llama.cpp: check_backend
         check_choice("dtype", args.dtype, DTYPES)
     resolve_device(args.device)
     check_model_spec(args.model_path, param="model_path")

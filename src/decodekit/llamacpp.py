@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,12 +39,19 @@ from torch import Tensor, nn
 from decodekit.cache import ModelState
 from decodekit.validation import DecodeKitError
 
-__all__ = ["LlamaCppModel", "LlamaCppState", "check_llama_cpp", "llama_cpp_available"]
+__all__ = ["LlamaCppModel", "LlamaCppState", "check_llama_cpp", "llama_cpp_available", "requantized",
+           "GGUF_TYPES"]
 
 INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_FMA=ON -DGGML_F16C=ON" '
            "pip install 'decodekit[llamacpp]' --no-binary llama-cpp-python")
 DEFAULT_N_CTX = 1024  # KV cells of each sequence (prompt + new tokens of one row)
 DEFAULT_N_SEQ_MAX = 16  # rows alive at once: prompts x beams, EIS rollouts (KV: 16 x 1024 x 23 kB for SmolLM2)
+
+
+# GGUF weight types the backend can requantize a model to (load_model(backend="llama.cpp", dtype=...)):
+# llama.cpp's CPU build has batched kernels for these (a k-token forward costs far less than k
+# one-token forwards), not for Q4_1 (measured, README "llama.cpp backend").
+GGUF_TYPES = ("q4_0", "q8_0")
 
 
 def llama_cpp_available() -> bool:
@@ -54,6 +62,34 @@ def check_llama_cpp() -> None:
     """One-line error when llama-cpp-python is not installed (checked before any load)."""
     if not llama_cpp_available():
         raise DecodeKitError(f"backend 'llama.cpp' needs llama-cpp-python: run `{INSTALL}`")
+
+
+def requantized(src: str | Path, gguf_type: str) -> Path:
+    """``src`` (a GGUF file) requantized to ``gguf_type`` (one of ``GGUF_TYPES``) by llama.cpp's
+    ``llama_model_quantize``, once: kept in decodekit's cache under a name holding the source's
+    name, size and modification time, written to a temporary file and renamed into place."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    from decodekit.models import cache_dir
+
+    src = Path(src)
+    stat = src.stat()
+    out = cache_dir() / "gguf" / "requantized" / f"{src.stem}-{stat.st_size}-{int(stat.st_mtime)}-{gguf_type}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}")
+    params.allow_requantize = True
+    params.nthread = torch.get_num_threads()
+    _logger.set_verbose(False)
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        tmp.unlink(missing_ok=True)
+        raise DecodeKitError(f"llama.cpp could not requantize {src.name} to {gguf_type}")
+    os.replace(tmp, out)
+    return out
 
 
 class LlamaCppModel(nn.Module):

@@ -203,15 +203,17 @@ def check_backend(backend: str | None, spec: str | None, dtype=None, device: str
                   param: str = "model_path") -> None:
     """Check a backend choice without loading anything: ``llama.cpp`` takes a GGUF source
     (a bundled model, whose package ships the GGUF, or a ``.gguf`` file), no ``dtype`` (the
-    GGUF's weights are used as they are), the CPU, and needs llama-cpp-python installed."""
+    GGUF's weights are used as they are) or one of ``LLAMA_CPP_DTYPES`` (requantized), the
+    CPU, and needs llama-cpp-python installed."""
     check_choice("backend", backend or "torch", BACKENDS)
     if backend != "llama.cpp":
         return
     spec = spec or DEFAULT_MODEL
     check_model_spec(spec, param)
-    if dtype is not None:
+    if dtype is not None and dtype not in LLAMA_CPP_DTYPES:
         raise DecodeKitError(f"dtype {dtype!r} does not apply to backend 'llama.cpp', which runs the GGUF's own "
-                             "quantized weights; leave dtype out")
+                             f"quantized weights; leave dtype out, or give {' or '.join(LLAMA_CPP_DTYPES)} "
+                             "(the GGUF requantized by llama.cpp)")
     if device not in (None, "auto", "cpu"):
         raise DecodeKitError(f"backend 'llama.cpp' runs on the CPU here; got device {device!r}")
     if spec in BUNDLED_MODELS:
@@ -226,18 +228,22 @@ def check_backend(backend: str | None, spec: str | None, dtype=None, device: str
     check_llama_cpp()
 
 
+LLAMA_CPP_DTYPES = ("q4_0", "q8_0")  # = decodekit.llamacpp.GGUF_TYPES (that module needs llama_cpp only when used)
+
+
 def gguf_path(spec: str | None) -> Path:
     """The GGUF file of a bundled model name or a ``.gguf`` path (``check_backend`` first)."""
     spec = spec or DEFAULT_MODEL
     return BUNDLED_MODELS[spec].gguf_path() if spec in BUNDLED_MODELS else Path(spec).expanduser()
 
 
-def _load_llama_cpp(spec: str | None, trust_remote_code: bool, llama_options: dict):
-    """``(LlamaCppModel, tokenizer)`` for a GGUF source (already checked by ``check_backend``).
-    The tokenizer and EOS ids are the ones the torch backend uses for the same model."""
+def _load_llama_cpp(spec: str | None, trust_remote_code: bool, llama_options: dict, gguf_type: str | None):
+    """``(LlamaCppModel, tokenizer)`` for a GGUF source (already checked by ``check_backend``),
+    requantized to ``gguf_type`` if given. The tokenizer and EOS ids are the ones the torch
+    backend uses for the same model."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from decodekit.llamacpp import LlamaCppModel
+    from decodekit.llamacpp import LlamaCppModel, requantized
 
     spec = spec or DEFAULT_MODEL
     gguf = gguf_path(spec)
@@ -248,7 +254,7 @@ def _load_llama_cpp(spec: str | None, trust_remote_code: bool, llama_options: di
     else:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         gen = None
-    model = LlamaCppModel(gguf, **llama_options)
+    model = LlamaCppModel(requantized(gguf, gguf_type) if gguf_type else gguf, **llama_options)
     if gen is not None:
         model.generation_config.eos_token_id = gen.eos_token_id
         model.generation_config.pad_token_id = gen.pad_token_id
@@ -286,8 +292,9 @@ def load_model(
     activations in bfloat16, see ``decodekit.quant``). ``device``: cpu | cuda | auto.
     The tokenizer pads on the left, with EOS as pad token when it has none. ``param`` is
     the parameter named in errors (``"drafter"`` when loading a draft model).
-    ``backend="llama.cpp"`` (a GGUF source, no dtype): a ``decodekit.llamacpp.LlamaCppModel``
-    running the GGUF's weights in llama.cpp; ``llama_options``: its ``n_ctx``, ``n_seq_max``,
+    ``backend="llama.cpp"`` (a GGUF source): a ``decodekit.llamacpp.LlamaCppModel`` running
+    the GGUF's weights in llama.cpp, as they are or, with ``dtype="q4_0"`` / ``"q8_0"``,
+    requantized once by llama.cpp (cached); ``llama_options``: its ``n_ctx``, ``n_seq_max``,
     ``n_threads``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -298,7 +305,7 @@ def load_model(
     hf_logging.disable_progress_bar()
     check_backend(backend, spec, dtype, device, param)
     if backend == "llama.cpp":
-        model, tokenizer = _load_llama_cpp(spec, trust_remote_code, llama_options)
+        model, tokenizer = _load_llama_cpp(spec, trust_remote_code, llama_options, dtype)
         return model, _pad_left(model, tokenizer)
     if llama_options:
         raise DecodeKitError(f"{', '.join(llama_options)}: options of backend 'llama.cpp' only")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import statistics
 
-from decodekit.bench.config import ENTRY_BY_NAME, LLAMA_CPP
+from decodekit.bench.config import ENTRY_BY_NAME, is_llama_cpp
 from decodekit.bench.runners import Context, Run
 
 __all__ = ["check_identity", "score_quality"]
@@ -50,7 +50,7 @@ def score_quality(ctx: Context, runs: list[Run]) -> None:
     except ImportError:  # pragma: no cover - quality lands with the EIS issue
         log.warning("decodekit.quality is not available: quality columns left empty")
         return
-    scorer = next((ctx.models[d] for d in ctx.cfg.dtypes if d != LLAMA_CPP), None)  # a torch model
+    scorer = next((ctx.models[d] for d in ctx.cfg.dtypes if not is_llama_cpp(d)), None)  # a torch model
     if scorer is None:
         log.warning("quality is scored by a torch model: run a torch dtype beside llama.cpp to get it")
         return

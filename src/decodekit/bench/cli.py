@@ -18,6 +18,8 @@ from decodekit.bench.config import (
     PRESETS,
     SUITE_CHOICES,
     BenchConfig,
+    gguf_type,
+    is_llama_cpp,
     resolve_config,
 )
 from decodekit.bench.report import summarize, write_outputs
@@ -72,8 +74,8 @@ def load_models(cfg: BenchConfig):
 
     models, tokenizer = {}, None
     for dtype in cfg.dtypes:
-        if dtype == LLAMA_CPP:
-            models[dtype], tokenizer = load_model(cfg.model, backend=LLAMA_CPP)
+        if is_llama_cpp(dtype):
+            models[dtype], tokenizer = load_model(cfg.model, backend=LLAMA_CPP, dtype=gguf_type(dtype))
         else:
             models[dtype], tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
     return models, tokenizer

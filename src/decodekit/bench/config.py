@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from decodekit.models import DTYPES
+from decodekit.models import DTYPES, LLAMA_CPP_DTYPES
 from decodekit.validation import DecodeKitError, check_choice, check_int
 
 __all__ = ["BenchEntry", "ENTRIES", "PRESETS", "SUITES", "BenchConfig", "resolve_config", "load_suite"]
@@ -73,7 +73,24 @@ ENTRY_BY_NAME = {e.name: e for e in ENTRIES}
 SUITES = {"chat": "chat.jsonl", "grounded": "grounded.jsonl", "qa": "qa.jsonl"}
 SUITE_CHOICES = [*SUITES, "all"]
 LLAMA_CPP = "llama.cpp"  # a dtype (decodekit on the llama.cpp backend: the GGUF's own weights) and a peer
-DTYPE_CHOICES = [*DTYPES, LLAMA_CPP]  # float32, bfloat16, float16, int8, int4 (weight-only, CPU), llama.cpp
+# float32, bfloat16, float16, int8, int4 (weight-only, CPU), llama.cpp (the GGUF as it is), llama.cpp:q4_0 /
+# llama.cpp:q8_0 (the GGUF requantized by llama.cpp: its batched CPU kernels take these types)
+DTYPE_CHOICES = [*DTYPES, LLAMA_CPP, *(f"{LLAMA_CPP}:{t}" for t in LLAMA_CPP_DTYPES)]
+
+
+def is_llama_cpp(dtype: str) -> bool:
+    """A dtype that runs decodekit on the llama.cpp backend (``llama.cpp`` or ``llama.cpp:q4_0``...)."""
+    return dtype == LLAMA_CPP or dtype.startswith(LLAMA_CPP + ":")
+
+
+def gguf_type(dtype: str) -> str | None:
+    """``llama.cpp:q4_0`` -> ``q4_0`` (the requantization); ``llama.cpp`` -> None (the GGUF as it is)."""
+    return dtype.split(":", 1)[1] if ":" in dtype else None
+
+
+def peer_dtype(dtypes: list[str]) -> str:
+    """The cells llama.cpp's own rows go in (and whose GGUF they run): the first llama.cpp dtype."""
+    return next((d for d in dtypes if is_llama_cpp(d)), LLAMA_CPP)
 PEER_CHOICES = [LLAMA_CPP]
 # llama.cpp's own implementations of our strategies (peer rows): name -> Llama draft model options
 PEER_STRATEGIES = {"greedy": None, "prompt_lookup": {"num_pred_tokens": 5}}
@@ -182,7 +199,7 @@ def _llama_cpp_args(args: argparse.Namespace, dtypes_text: str) -> tuple[str, li
     peers = [p.strip() for p in (getattr(args, "peers", None) or "").split(",") if p.strip()]
     for peer in peers:
         check_choice("peers", peer, PEER_CHOICES)
-    if peers or LLAMA_CPP in dtypes_text.split(","):
+    if peers or any(is_llama_cpp(d.strip()) for d in dtypes_text.split(",")):
         check_backend(LLAMA_CPP, args.model, param="model")
     return dtypes_text, peers
 

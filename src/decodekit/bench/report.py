@@ -164,6 +164,7 @@ def _peer_section(summary: list[dict]) -> list[str]:
     peer = {bs: rate for (name, impl, _, bs), rate in by.items() if name == "greedy" and impl == "llama.cpp"}
     if not peer:
         return []
+    cells = next(r["dtype"] for r in summary if r["impl"] == "llama.cpp")
     body = []
     for (name, impl, dtype, bs), rate in sorted(by.items(), key=lambda kv: (kv[0][3], kv[0][2])):
         if name == "greedy" and impl == "decodekit" and bs in peer:
@@ -171,7 +172,7 @@ def _peer_section(summary: list[dict]) -> list[str]:
     lines = ["## Greedy: decodekit vs llama.cpp's own (same GGUF, same prompts)", ""]
     lines += _table(["decodekit dtype", "batch", "decodekit tok/s", "llama.cpp tok/s", "ours / llama.cpp"], body)
     return lines + ["", "llama.cpp decodes a batch's rows one after another (its `generate` runs one "
-                        "sequence); its prompt lookup row is in the `llama.cpp` cells below.", ""]
+                        f"sequence) on the GGUF of the `{cells}` cells below, where its prompt lookup row is.", ""]
 
 
 def _main_section(summary: list[dict]) -> list[str]:

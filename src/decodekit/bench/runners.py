@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,7 +27,9 @@ from decodekit.bench.config import (
     LLAMA_CPP,
     PEER_STRATEGIES,
     BenchConfig,
+    is_llama_cpp,
     load_suite,
+    peer_dtype,
 )
 
 __all__ = ["Batch", "Run", "Context", "make_batches", "floor_generate", "PeakMemory", "ForwardCounter",
@@ -278,13 +281,20 @@ def _llama(ctx: Context, strategy: str):
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-        from decodekit.models import gguf_path
-
         options = PEER_STRATEGIES[strategy]
         draft = LlamaPromptLookupDecoding(**options) if options is not None else None
-        ctx.peers[strategy] = Llama(str(gguf_path(ctx.cfg.model)), n_ctx=4096, n_threads=torch.get_num_threads(),
+        ctx.peers[strategy] = Llama(str(peer_gguf(ctx)), n_ctx=4096, n_threads=torch.get_num_threads(),
                                     n_threads_batch=torch.get_num_threads(), draft_model=draft, verbose=False)
     return ctx.peers[strategy]
+
+
+def peer_gguf(ctx: Context) -> Path:
+    """The GGUF llama.cpp's own rows run: the one decodekit's llama.cpp backend runs in the
+    same cells (requantized for ``llama.cpp:q4_0``...), else the bench model's."""
+    from decodekit.models import gguf_path
+
+    ours = ctx.models.get(peer_dtype(ctx.cfg.dtypes))
+    return Path(ours.path) if ours is not None else gguf_path(ctx.cfg.model)
 
 
 def call_llama_cpp(ctx: Context, run: Run, batch: Batch, max_new_tokens: int):
@@ -359,7 +369,7 @@ def plan_runs(cfg: BenchConfig) -> list[Run]:
     """Every (strategy, implementation, dtype, batch size), the floor, the gamma sweep."""
     runs = []
     for dtype in cfg.dtypes:
-        torch_model = dtype != LLAMA_CPP  # floor and transformers need a torch module
+        torch_model = not is_llama_cpp(dtype)  # floor and transformers need a torch module
         for bs in cfg.batch_sizes:
             if torch_model:
                 runs.append(Run("floor", "floor", dtype, bs, {}))
@@ -381,11 +391,11 @@ def plan_runs(cfg: BenchConfig) -> list[Run]:
 
 
 def _peer_runs(cfg: BenchConfig) -> list[Run]:
-    """llama.cpp's own greedy / prompt lookup (``--peers llama.cpp``), in the ``llama.cpp``
-    dtype's cells, beside decodekit on the llama.cpp backend."""
+    """llama.cpp's own greedy / prompt lookup (``--peers llama.cpp``), in the first llama.cpp
+    dtype's cells (``peer_dtype``), beside decodekit on the llama.cpp backend, on its GGUF."""
     if LLAMA_CPP not in cfg.peers:
         return []
-    return [Run(name, LLAMA_CPP, LLAMA_CPP, bs, dict(PEER_STRATEGIES[name] or {}))
+    return [Run(name, LLAMA_CPP, peer_dtype(cfg.dtypes), bs, dict(PEER_STRATEGIES[name] or {}))
             for bs in cfg.batch_sizes for name in PEER_STRATEGIES if name in cfg.strategies]
 
 
