@@ -42,8 +42,10 @@ def test_row_processors_follow_the_batch():
     procs = _pipelines()
     rows = RowProcessors(procs[:3])
     rows.add_rows(RowProcessors(procs[3:]))
+    assert len(rows.groups()) == 4  # groups are kept between steps...
     rows.select_rows([0, 2, 4])
     assert rows.procs == [procs[0], procs[2], procs[4]]
+    assert [r.tolist() for _, r in rows.groups()] == [[0], [1], [2]]  # ...and made anew when rows leave
     assert not RowProcessors([procs[0], procs[3]]).needs_history
     assert RowProcessors([procs[0], procs[3]]).is_greedy and RowProcessors([procs[0], procs[3]]).greedy_rows is True
     assert rows.greedy_rows.tolist() == [True, True, False]  # a penalty alone is greedy

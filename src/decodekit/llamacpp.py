@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from decodekit.cache import ModelState
+from decodekit.models import LLAMA_CPP_DTYPES
 from decodekit.validation import DecodeKitError
 
 __all__ = ["LlamaCppModel", "LlamaCppState", "check_llama_cpp", "llama_cpp_available", "requantized",
@@ -51,7 +52,7 @@ DEFAULT_N_SEQ_MAX = 16  # rows alive at once: prompts x beams, EIS rollouts (KV:
 # GGUF weight types the backend can requantize a model to (load_model(backend="llama.cpp", dtype=...)):
 # llama.cpp's CPU build has batched kernels for these (a k-token forward costs far less than k
 # one-token forwards), not for Q4_1 (measured, README "llama.cpp backend").
-GGUF_TYPES = ("q4_0", "q8_0")
+GGUF_TYPES = LLAMA_CPP_DTYPES
 
 
 def llama_cpp_available() -> bool:

@@ -228,7 +228,7 @@ def check_backend(backend: str | None, spec: str | None, dtype=None, device: str
     check_llama_cpp()
 
 
-LLAMA_CPP_DTYPES = ("q4_0", "q8_0")  # = decodekit.llamacpp.GGUF_TYPES (that module needs llama_cpp only when used)
+LLAMA_CPP_DTYPES = ("q4_0", "q8_0")  # backend llama.cpp: the GGUF requantized to these (decodekit.llamacpp)
 
 
 def gguf_path(spec: str | None) -> Path:

@@ -436,6 +436,18 @@ class LogitsPipeline:
                 scores = proc(input_ids, scores)
         return scores
 
+    @property
+    def greedy_rows(self) -> bool | Tensor:
+        """Which rows ``verify`` decodes by argmax: one bool for the batch here (a pipeline of
+        per-row processors, ``decodekit.serve.mixed.RowProcessors``, gives ``[B]``)."""
+        return self.is_greedy
+
+    def select_rows(self, keep: list[int]) -> None:
+        """Rows left the batch: nothing to do for one pipeline shared by every row."""
+
+    def add_rows(self, other: LogitsPipeline) -> None:
+        """Rows joined the batch (continuous batching): one shared pipeline keeps itself."""
+
     def distribution(self, scores: Tensor) -> Tensor:
         """Processed logits -> probabilities: softmax, or the one-hot argmax when greedy."""
         if self.is_greedy:

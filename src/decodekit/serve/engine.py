@@ -282,13 +282,6 @@ class _LaneRun(_Run):
         super().add_rows(other)
         self.req.tracker.add(other.req.tracker)
         self.req._prompts.update(other.req._prompts)
-        if isinstance(self.req.processor, RowProcessors):
-            self.req.processor.add_rows(other.req.processor)
-
-    def drop_finished(self, finished: list[bool]) -> None:
-        super().drop_finished(finished)
-        if isinstance(self.req.processor, RowProcessors) and any(finished):
-            self.req.processor.select_rows([i for i, f in enumerate(finished) if not f])
 
     def jobs(self) -> list[_Job]:
         return list({id(j): j for j, _ in self.req.tracker.owner.values()}.values())

@@ -59,6 +59,7 @@ class RowProcessors:
 
     def __init__(self, procs: list[LogitsPipeline]):
         self.procs = list(procs)
+        self._groups: list[tuple[LogitsPipeline, Tensor]] | None = None  # until rows leave or join
 
     @property
     def is_greedy(self) -> bool:
@@ -79,12 +80,14 @@ class RowProcessors:
         return [step for p in self.procs for step in p.processors]
 
     def groups(self) -> list[tuple[LogitsPipeline, Tensor]]:
-        """``(processor, rows [n])`` per group of rows processed alike."""
-        keys = [_group_key(p) for p in self.procs]
-        first = {}
-        for i, key in enumerate(keys):
-            first.setdefault(key, i)
-        return [(self.procs[i], torch.tensor(_positions(keys, key))) for key, i in first.items()]
+        """``(processor, rows [n])`` per group of rows processed alike (kept between steps)."""
+        if self._groups is None:
+            keys = [_group_key(p) for p in self.procs]
+            first = {}
+            for i, key in enumerate(keys):
+                first.setdefault(key, i)
+            self._groups = [(self.procs[i], torch.tensor(_positions(keys, key))) for key, i in first.items()]
+        return self._groups
 
     def _per_group(self, x: Tensor, fn) -> Tensor:
         """``fn(proc, rows)`` -> the rows' ``[n, ...]`` float32 result, gathered into ``[B, ...]``."""
@@ -118,9 +121,11 @@ class RowProcessors:
 
     def select_rows(self, keep: list[int]) -> None:
         self.procs = [self.procs[i] for i in keep]
+        self._groups = None
 
     def add_rows(self, other: RowProcessors) -> None:
         self.procs += other.procs
+        self._groups = None
 
     def __repr__(self) -> str:
         return f"RowProcessors({len(self.procs)} rows, {len(self.groups())} groups)"

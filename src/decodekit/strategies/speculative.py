@@ -189,6 +189,7 @@ class _Run:
         self.state.select_rows(keep)
         self.drafter.select_rows(keep)
         self.policy.select_rows(keep)
+        self.req.processor.select_rows(keep.tolist())  # per-row processors (a serving batch)
         self.rows = [self.rows[i] for i in keep.tolist()]
         self.last = self.last.index_select(0, keep.to(self.last.device))
 
@@ -206,6 +207,7 @@ class _Run:
         self.state.add_rows(other.state)
         self.policy.add_rows(other.policy)  # before the drafter's (EGAG counts its rows)
         self.drafter.add_rows(other.drafter)
+        self.req.processor.add_rows(other.req.processor)
         self.rows += other.rows
         self.last = torch.cat([self.last, other.last.to(self.last.device)])  # [B + B']
 
@@ -299,7 +301,7 @@ def _step(run: _Run, skip_sample_adjustment: bool) -> None:
     scores = _target_scores(run, draft)  # 3: [B, k+1, V]
     p = req.processor.distribution(scores)  # [B, k+1, V]
     result = verify(p, draft.tokens.to(p.device), draft.drafted, draft.q,  # 4
-                    greedy=getattr(req.processor, "greedy_rows", req.processor.is_greedy), generator=req.generator,
+                    greedy=req.processor.greedy_rows, generator=req.generator,
                     skip_sample_adjustment=skip_sample_adjustment)
     run.state.rollback(draft.k - result.accepted)  # 5: keep [last, accepted drafts]
     run.drafter.update(draft, result, p)
