@@ -249,6 +249,32 @@ def test_tiny_end_to_end_bench(tmp_path, capsys):
     assert "## float32, batch 2" in (out / "report.md").read_text()
 
 
+def test_cost_curves_are_measured_before_the_trials(tmp_path, monkeypatch):
+    """Drafting runs at batch 2 need the curves of buckets 2 and 1 (rows leave as they finish)
+    up to their widest verify forward: none of it may be measured inside a timed trial."""
+    from decodekit.strategies import draft_policy
+
+    model_dir, out = tmp_path / "tiny", tmp_path / "out"
+    _save_tiny_model(model_dir)
+    real_trials, new_points = bench_cli.run_trials, {}
+
+    def trials(ctx, runs):
+        before = {key: set(c.points) for key, c in draft_policy._CURVES.items()}
+        assert {key[1] for key in before} >= {1, 2}
+        done = real_trials(ctx, runs)
+        for key, curve in draft_policy._CURVES.items():
+            if set(curve.points) - before.get(key, set()):
+                new_points[key] = set(curve.points) - before.get(key, set())
+        return done
+
+    monkeypatch.setattr(bench_cli, "run_trials", trials)
+    argv = ["bench", "--model", str(model_dir), "--suite", "qa", "--num_prompts", "3", "--trials", "1",
+            "--max_new_tokens", "6", "--batch_sizes", "2", "--gammas", "", "--threads", "1",
+            "--strategies", "greedy,prompt_lookup,ngram", "--no_transformers", "--output_dir", str(out)]
+    assert main(argv) == 0
+    assert new_points == {}
+
+
 def test_ctrl_c_writes_what_was_measured(tmp_path, monkeypatch):
     model_dir, out = tmp_path / "tiny", tmp_path / "out"
     _save_tiny_model(model_dir)
