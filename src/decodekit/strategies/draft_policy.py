@@ -132,18 +132,26 @@ class Acceptance:
     ``fixed_prior=True`` keeps it forever (after a stretch without drafting the estimate
     drifts back to the prior and the policy probes again: ``cost``), otherwise it starts the
     counts and forgets like an observation (``adaptive``: per row and evidence level, where
-    stale levels should stay quiet). Each policy's constants are the ones it was measured
-    with (``COST_ESTIMATE``, ``ADAPTIVE_ESTIMATE``).
+    stale levels should stay quiet). A step without drafts forgets by ``idle_decay`` (``idle``):
+    slower than an observation, so a drafter that keeps failing is probed again only every
+    ~100 steps, not every ~15 (each probe costs a multi-token forward and the drafter's steps).
+    Each policy's constants are the ones it was measured with (``COST_ESTIMATE``,
+    ``ADAPTIVE_ESTIMATE``).
     """
 
-    def __init__(self, decay: float, prior: tuple[float, float], fixed_prior: bool):
-        self.decay, self.fixed_prior = decay, fixed_prior
+    def __init__(self, decay: float, prior: tuple[float, float], fixed_prior: bool, idle_decay: float = 1.0):
+        self.decay, self.fixed_prior, self.idle_decay = decay, fixed_prior, idle_decay
         self.prior = prior if fixed_prior else (0.0, 0.0)
         self.accepted, self.rejected = (0.0, 0.0) if fixed_prior else prior  # decayed observations
 
     def add(self, accepted: float, rejected: float) -> None:
         self.accepted = self.decay * self.accepted + accepted
         self.rejected = self.decay * self.rejected + rejected
+
+    def idle(self) -> None:
+        """A step that drafted nothing: no evidence, the counts fade slowly toward the prior."""
+        self.accepted *= self.idle_decay
+        self.rejected *= self.idle_decay
 
     @property
     def rate(self) -> float:
@@ -152,7 +160,7 @@ class Acceptance:
 
 
 # decay, prior (accepted, rejected), fixed prior: as measured for each policy (README, bench)
-COST_ESTIMATE = dict(decay=0.95, prior=(2.0, 1.0), fixed_prior=True)  # a = 2/3, probes again
+COST_ESTIMATE = dict(decay=0.95, prior=(2.0, 1.0), fixed_prior=True, idle_decay=0.99)  # a = 2/3, probes again
 ADAPTIVE_ESTIMATE = dict(decay=0.8, prior=(1.0, 1.0), fixed_prior=False)  # a = 1/2 at first
 
 
@@ -356,6 +364,8 @@ class CostPolicy(DraftPolicy):
 
     ``k = 0`` (plain decoding, one token per target forward) is always a candidate, so the
     policy stops speculating when speculation cannot pay (a slow or inaccurate drafter).
+    The acceptance estimate is kept in the drafter's ``memory`` (with its weights) when it
+    has one, so the next call with the same drafter starts from it, not from the prior.
 
     On a CPU ``t_target(n)`` is nearly flat for small ``n`` (reading the weights dominates)
     and then grows linearly (compute dominates); the knee of that curve and ``a`` decide
@@ -375,6 +385,9 @@ class CostPolicy(DraftPolicy):
 
     def start(self, req, drafter) -> None:
         self.drafter = drafter
+        memory = getattr(drafter, "memory", None)  # the estimate of this drafter's previous calls
+        if memory is not None:
+            self.estimate = memory.setdefault(f"{self.name}:{drafter.name}", self.estimate)
         self.gamma_max = min(self.gamma_max, max(req.max_new_tokens, self.gamma_min))  # longer is waste
         self.cost = VerifyCost(req.model, self.gamma_max + 1)
 
@@ -401,6 +414,9 @@ class CostPolicy(DraftPolicy):
 
     def observe(self, drafted: Tensor, accepted: Tensor) -> None:
         drafted, accepted = drafted.cpu(), accepted.cpu()
+        if not bool(drafted.any()):
+            self.estimate.idle()
+            return
         self.estimate.add(float(accepted.sum()), float((accepted < drafted).sum()))
 
 

@@ -218,6 +218,7 @@ class EagleDrafter(Drafter):
     def __init__(self, target, head: EagleHead):
         self.target, self.head = target, head
         self.model = head.__dict__.setdefault("_state_model", _HeadModel(head))  # one per head (add_rows)
+        self.memory = head.__dict__.setdefault("_drafter_memory", {})
         self.state: ModelState | None = None
         self.pending: list[Tensor] = []
         self.consumed: list[int] = []

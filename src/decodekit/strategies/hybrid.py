@@ -50,6 +50,7 @@ class HybridDrafter(Drafter):
     def __init__(self, primary: Drafter, max_ngram: int = 3):
         self.primary, self.lookup = primary, PromptLookupDrafter(max_ngram)
         self.name = f"{primary.name}{HYBRID_SUFFIX}"
+        self.memory = primary.memory  # keyed by this drafter's name there
         self.sources = {"prompt_lookup": 0, primary.name: 0}
 
     @property

@@ -87,6 +87,9 @@ class Drafter:
 
     name = "drafter"
     state: ModelState | None = None  # the drafter's own model state, if it runs a model
+    # kept with the drafter's weights across generate calls (None: none): the cost policy's
+    # acceptance estimate lives here, so each call does not re-learn it from the prior
+    memory: dict | None = None
 
     def prefill(self, req: DecodeRequest) -> None:
         """Called once, before the loop, with the whole batch."""
@@ -362,6 +365,7 @@ class ModelDrafter(Drafter):
 
     def __init__(self, model):
         self.model = model
+        self.memory = model.__dict__.setdefault("_decodekit_drafter_memory", {})
         self.state: ModelState | None = None
         self.seen: list[int] = []
         self.fed = 0  # drafts fed to the drafter in the last propose
