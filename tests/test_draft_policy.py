@@ -299,3 +299,28 @@ def test_cost_policy_keeps_its_estimate_with_the_drafter():
     fresh = CostPolicy(1, 4)
     fresh.start(req, D(None))
     assert fresh.acceptance == pytest.approx(2 / 3)
+
+
+def test_cost_policy_keeps_one_estimate_per_level():
+    """The hybrid says before drafting which rows would copy a lookup match (level 1) and which
+    the primary would draft for (level 0): a failing primary must not stop the lookup rows."""
+    policy = _policy_with_curve({1: 0.068, 2: 0.117, 40: 0.20}, gmax=5, draft_cost=0.005)
+
+    class Hybrid:
+        name = "h"
+        memory = None
+        copying = [False, True]
+
+        def levels(self, rows):
+            return [int(c) for c in self.copying]
+
+        def level_cost(self, level, batch):
+            return 0.0 if level else 0.005
+
+    policy.drafter = Hybrid()
+    for _ in range(20):  # the primary's drafts always fail, the copies always pass
+        budget = policy.choose([[1], [2]])
+        policy.observe(budget, torch.where(torch.tensor([False, True]), budget, 0))
+    assert policy.level(0).rate < 0.2 and policy.level(1).rate > 0.9
+    budget = policy.choose([[1], [2]]).tolist()
+    assert budget[0] <= 1 and budget[1] == 5

@@ -378,18 +378,30 @@ class CostPolicy(DraftPolicy):
     def __init__(self, gamma_min: int, gamma_max: int):
         super().__init__(gamma_max)
         self.gamma_min, self.gamma_max = gamma_min, gamma_max
-        self.estimate = Acceptance(**COST_ESTIMATE)
+        self.estimate = Acceptance(**COST_ESTIMATE)  # level 0 (a one-source drafter's only one)
+        self.levels: dict[int, Acceptance] = {0: self.estimate}
+        self.last_levels: list[int] = []
+        self.memory: dict | None = None
         self.cost: VerifyCost | None = None  # t_target(n, B)
         self.drafter = None
         self.last_choice: int | None = None
 
     def start(self, req, drafter) -> None:
         self.drafter = drafter
-        memory = getattr(drafter, "memory", None)  # the estimate of this drafter's previous calls
-        if memory is not None:
-            self.estimate = memory.setdefault(f"{self.name}:{drafter.name}", self.estimate)
+        self.memory = getattr(drafter, "memory", None)  # the estimates of this drafter's previous calls
+        if self.memory is not None:
+            self.estimate = self.levels[0] = self.memory.setdefault(f"{self.name}:{drafter.name}", self.estimate)
         self.gamma_max = min(self.gamma_max, max(req.max_new_tokens, self.gamma_min))  # longer is waste
         self.cost = VerifyCost(req.model, self.gamma_max + 1)
+
+    def level(self, level: int) -> Acceptance:
+        """The estimate of drafts of evidence ``level`` (``Drafter.levels``: the hybrid's lookup
+        drafts are level 1, its primary's level 0)."""
+        if level not in self.levels:
+            fresh = Acceptance(**COST_ESTIMATE)
+            key = f"{self.name}:{getattr(self.drafter, 'name', '')}:{level}"
+            self.levels[level] = self.memory.setdefault(key, fresh) if self.memory is not None else fresh
+        return self.levels[level]
 
     # the estimate's counts, readable and settable here
     accepted = property(lambda self: self.estimate.accepted,
@@ -401,23 +413,31 @@ class CostPolicy(DraftPolicy):
     def acceptance(self) -> float:
         return self.estimate.rate
 
-    def tokens_per_second(self, k: int, batch: int) -> float:
-        seconds = self.cost(k + 1, batch) + (k * self.drafter.step_cost(batch) if k else 0.0)
-        return batch * expected_tokens(k, self.acceptance) / max(seconds, 1e-9)
+    def tokens_per_second(self, k: int, batch: int, level: int = 0) -> float:
+        step = self.drafter.level_cost(level, batch) if hasattr(self.drafter, "level_cost") \
+            else self.drafter.step_cost(batch)
+        seconds = self.cost(k + 1, batch) + k * step
+        return batch * expected_tokens(k, self.level(level).rate) / max(seconds, 1e-9)
 
     def choose(self, rows: list[list[int]]) -> Tensor:
+        """One ``k`` per evidence level the rows would draft from now (one level: one ``k``)."""
         batch = len(rows)
+        levels = getattr(self.drafter, "levels", lambda rows: None)(rows) or [0] * batch
         ks = [0, *range(self.gamma_min, self.gamma_max + 1)]
-        best = max(ks, key=lambda k: self.tokens_per_second(k, batch))
-        self.last_choice = best
-        return torch.full((batch,), best, dtype=torch.long)
+        best = {lv: max(ks, key=lambda k: self.tokens_per_second(k, batch, lv)) for lv in set(levels)}
+        self.last_levels = levels
+        self.last_choice = max(best.values())
+        return torch.tensor([best[lv] for lv in levels], dtype=torch.long)
 
     def observe(self, drafted: Tensor, accepted: Tensor) -> None:
-        drafted, accepted = drafted.cpu(), accepted.cpu()
-        if not bool(drafted.any()):
-            self.estimate.idle()
-            return
-        self.estimate.add(float(accepted.sum()), float((accepted < drafted).sum()))
+        drafted, accepted = drafted.cpu().tolist(), accepted.cpu().tolist()
+        levels = self.last_levels if len(self.last_levels) == len(drafted) else [0] * len(drafted)
+        for lv in set(levels) | {0}:
+            rows = [(d, a) for d, a, row_level in zip(drafted, accepted, levels) if row_level == lv and d]
+            if rows:
+                self.level(lv).add(sum(a for _, a in rows), sum(a < d for d, a in rows))
+            else:
+                self.level(lv).idle()
 
 
 # ---------------------------------------------------------------------------- adaptive

@@ -97,6 +97,15 @@ class HybridDrafter(Drafter):
     def step_cost(self, batch: int) -> float:
         return self.primary.step_cost(batch)  # at most: lookup costs ~nothing
 
+    def levels(self, rows: list[list[int]]) -> list[int]:
+        """Before drafting, per row: 1 if it would copy a lookup match, 0 if the primary would
+        draft (the ``cost`` policy keeps an acceptance estimate and a budget per level)."""
+        return [int(f is not None) for f in self.matches(rows, 1)]
+
+    def level_cost(self, level: int, batch: int) -> float:
+        """One drafting step of a row of ``level``: the primary's, or ~0 for a lookup copy."""
+        return 0.0 if level == 1 else self.primary.step_cost(batch)
+
 
 def _padded(found: list[list[int]], k: int) -> tuple[Tensor, Tensor]:
     """Lookup drafts of every row -> ``tokens [B, k]``, ``drafted [B]``."""
