@@ -18,6 +18,7 @@ from decodekit.strategies.draft_policy import (
     forward_cost_curve,
     make_policy,
 )
+from decodekit.strategies.speculative import Drafter
 
 from conftest import tiny_llama
 
@@ -81,7 +82,7 @@ def _policy_with_curve(points: dict[int, float], gmax=8, draft_cost=0.0):
     curve.points.update(points)
     policy.cost = lambda n, batch: curve(n * batch)  # t(n, B) as B * n tokens of one row
 
-    class D:
+    class D(Drafter):
         def step_cost(self, batch):
             return draft_cost
 
@@ -277,7 +278,7 @@ def test_cost_policy_keeps_its_estimate_with_the_drafter():
     the acceptance estimate of one generate call to the next; others start from the prior."""
     from types import SimpleNamespace
 
-    class D:
+    class D(Drafter):
         name = "d"
 
         def __init__(self, memory):
@@ -306,9 +307,8 @@ def test_cost_policy_keeps_one_estimate_per_level():
     the primary would draft for (level 0): a failing primary must not stop the lookup rows."""
     policy = _policy_with_curve({1: 0.068, 2: 0.117, 40: 0.20}, gmax=5, draft_cost=0.005)
 
-    class Hybrid:
+    class Hybrid(Drafter):
         name = "h"
-        memory = None
         copying = [False, True]
 
         def levels(self, rows):

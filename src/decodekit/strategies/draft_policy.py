@@ -388,7 +388,7 @@ class CostPolicy(DraftPolicy):
 
     def start(self, req, drafter) -> None:
         self.drafter = drafter
-        self.memory = getattr(drafter, "memory", None)  # the estimates of this drafter's previous calls
+        self.memory = drafter.memory  # the estimates of this drafter's previous calls (or None)
         if self.memory is not None:
             self.estimate = self.levels[0] = self.memory.setdefault(f"{self.name}:{drafter.name}", self.estimate)
         self.gamma_max = min(self.gamma_max, max(req.max_new_tokens, self.gamma_min))  # longer is waste
@@ -399,7 +399,7 @@ class CostPolicy(DraftPolicy):
         drafts are level 1, its primary's level 0)."""
         if level not in self.levels:
             fresh = Acceptance(**COST_ESTIMATE)
-            key = f"{self.name}:{getattr(self.drafter, 'name', '')}:{level}"
+            key = f"{self.name}:{self.drafter.name}:{level}"
             self.levels[level] = self.memory.setdefault(key, fresh) if self.memory is not None else fresh
         return self.levels[level]
 
@@ -414,15 +414,13 @@ class CostPolicy(DraftPolicy):
         return self.estimate.rate
 
     def tokens_per_second(self, k: int, batch: int, level: int = 0) -> float:
-        step = self.drafter.level_cost(level, batch) if hasattr(self.drafter, "level_cost") \
-            else self.drafter.step_cost(batch)
-        seconds = self.cost(k + 1, batch) + k * step
+        seconds = self.cost(k + 1, batch) + k * self.drafter.level_cost(level, batch)
         return batch * expected_tokens(k, self.level(level).rate) / max(seconds, 1e-9)
 
     def choose(self, rows: list[list[int]]) -> Tensor:
         """One ``k`` per evidence level the rows would draft from now (one level: one ``k``)."""
         batch = len(rows)
-        levels = getattr(self.drafter, "levels", lambda rows: None)(rows) or [0] * batch
+        levels = self.drafter.levels(rows) or [0] * batch
         ks = [0, *range(self.gamma_min, self.gamma_max + 1)]
         best = {lv: max(ks, key=lambda k: self.tokens_per_second(k, batch, lv)) for lv in set(levels)}
         self.last_levels = levels

@@ -114,6 +114,16 @@ class Drafter:
         """Seconds one drafting step costs for ``batch`` rows (the cost policy uses it)."""
         return 0.0
 
+    def levels(self, rows: list[list[int]]) -> list[int] | None:
+        """Before drafting, per row: the evidence level its next drafts would have
+        (``Draft.evidence``; the cost policy keeps an estimate and a budget per level).
+        None: one level (every drafter but the hybrid)."""
+        return None
+
+    def level_cost(self, level: int, batch: int) -> float:
+        """Seconds of one drafting step for rows of ``level`` (default: ``step_cost``)."""
+        return self.step_cost(batch)
+
 
 def draw_draft(req: DecodeRequest, logits: Tensor, rows: list[list[int]] | None) -> tuple[Tensor, Tensor]:
     """Drafter ``logits [B, V]`` -> ``q [B, V]`` (processed like p, with the same history
