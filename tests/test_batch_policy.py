@@ -18,7 +18,7 @@ from decodekit.strategies.draft_policy import (
     batch_bucket,
     forward_cost_curve,
 )
-from decodekit.strategies.speculative import Draft
+from decodekit.strategies.speculative import Draft, Drafter
 
 from conftest import tiny_llama
 
@@ -38,7 +38,7 @@ class _Req:
         self.input_ids = torch.zeros(batch, 3, dtype=torch.long)
 
 
-class _Drafter:
+class _Drafter(Drafter):
     name = "stub"
 
     def __init__(self, seconds: float):
