@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import decodekit
-from decodekit.quant import QuantLinear, _unpack_int4, quant_scheme, quantize_model
+from decodekit.quant import QuantLinear, quant_scheme, quantize_model, unpack_int4
 from decodekit.validation import DecodeKitError
 
 from conftest import CHAT_PROMPTS, chat_batch, hf_new_tokens, tiny_llama
@@ -75,10 +75,13 @@ def test_quantlinear_matches_its_dequantized_weight(scheme):
         assert (q.dequantize() - linear.weight).abs().max() <= step / 2 + 1e-2 * step
 
 
-def test_int4_unpack_inverts_the_cpu_packing():
-    codes = torch.randint(0, 16, (96, 64), dtype=torch.int32)
+@pytest.mark.parametrize("shape", [(96, 64), (64, 32), (48, 96), (160, 128)])
+def test_int4_unpack_inverts_the_cpu_packing(shape):
+    """The packed layout differs by CPU kind (rows interleaved by 32 on AVX2, 64 on AVX512):
+    unpacking reads it from PyTorch, so it holds under either ATEN_CPU_CAPABILITY."""
+    codes = torch.randint(0, 16, shape, dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    assert torch.equal(_unpack_int4(packed), codes.long())
+    assert torch.equal(unpack_int4(packed), codes.long())
 
 
 @pytest.mark.parametrize("scheme,make", [("int8", tiny_llama), ("int4", tiny_llama_int4)])

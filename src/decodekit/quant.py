@@ -20,17 +20,19 @@ take 5-10x longer with float32 inputs than with bfloat16 ones (no vectorised flo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from decodekit.validation import DecodeKitError, check_choice
 
-__all__ = ["QuantLinear", "quantize_model", "quant_scheme", "check_quant", "linear_plan", "SCHEMES"]
+__all__ = ["QuantLinear", "quantize_model", "quant_scheme", "check_quant", "linear_plan", "SCHEMES",
+           "unpack_int4", "int4_layout"]
 
 SCHEMES = ("int8", "int4")
 ACTIVATIONS = torch.bfloat16  # the activation dtype load_model uses for quantized weights
-GROUP = 32  # int4 group size along the input dimension
-INT4_BLOCK = 32  # the CPU int4 packing interleaves rows in blocks of 32 (measured, torch 2.13)
+GROUP = 32  # int4 group size along the input dimension (and the sizes int4 accepts)
 
 
 def check_quant(scheme: str, device: torch.device, plan: list[tuple[str, nn.Linear, str]] = ()) -> None:
@@ -42,7 +44,7 @@ def check_quant(scheme: str, device: torch.device, plan: list[tuple[str, nn.Line
                              f"use --device cpu or a float dtype on {device.type}")
     for name, linear, layer_scheme in plan:
         out_f, in_f = linear.out_features, linear.in_features
-        if layer_scheme == "int4" and (out_f % INT4_BLOCK or in_f % GROUP):
+        if layer_scheme == "int4" and (out_f % GROUP or in_f % GROUP):
             raise DecodeKitError(f"dtype 'int4' needs Linear sizes that are multiples of {GROUP}; this "
                                  f"model's {name} is {in_f}->{out_f}: use dtype 'int8'")
 
@@ -75,13 +77,35 @@ def _quantize_int4(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     return packed, scales_and_zeros
 
 
-def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """packed [N, K/2] uint8 (CPU layout: per 32 rows, byte k holds row j in its low nibble
-    and row j + 16 in its high one) -> codes [N, K] int64 in 0..15."""
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """packed [N, K/2] uint8 -> nibbles [N*K] int64: byte i's low nibble, then its high one."""
+    wide = packed.long().flatten()  # [N*K/2]
+    return torch.stack([wide & 15, wide >> 4], dim=-1).flatten()  # [N*K]
+
+
+@functools.lru_cache(maxsize=16)
+def int4_layout(n: int, k: int) -> torch.Tensor:
+    """Where PyTorch's CPU int4 packing puts each code of an ``[n, k]`` matrix, read from
+    PyTorch itself: ``source [N*K]`` int64, nibble ``j`` of the packed bytes holds code
+    ``source[j]`` of the row-major codes. The layout depends on the kernels PyTorch picks at
+    run time (rows interleaved in blocks of 32 on AVX2, 64 on AVX512), so it is never assumed:
+    four packings of probe codes carry the 4-bit digits of every code's own index."""
+    index = torch.arange(n * k)  # [N*K]
+    source = torch.zeros(n * k, dtype=torch.long)  # [N*K]
+    for shift in range(0, max(1, (n * k - 1).bit_length()), 4):
+        probe = ((index >> shift) & 15).reshape(n, k).to(torch.int32)  # [N, K]: one digit each
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)  # [N, K/2]
+        source |= _nibbles(packed) << shift
+    return source
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """packed [N, K/2] uint8, as ``_convert_weight_to_int4pack_for_cpu`` made it on this
+    machine -> codes [N, K] int64 in 0..15."""
     n, half = packed.shape
-    blocks = packed.reshape(n // INT4_BLOCK, 2 * half, INT4_BLOCK // 2).long()  # [N/32, K, 16]
-    codes = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # [N/32, K, 32]
-    return codes.permute(0, 2, 1).reshape(n, 2 * half)  # [N, K]
+    codes = torch.empty(n * 2 * half, dtype=torch.long)  # [N*K]
+    codes[int4_layout(n, 2 * half)] = _nibbles(packed)
+    return codes.reshape(n, 2 * half)
 
 
 class QuantLinear(nn.Module):
@@ -112,7 +136,7 @@ class QuantLinear(nn.Module):
         """The float32 weight ``[N, K]`` the kernel multiplies by (for references and checks)."""
         if self.scheme == "int8":
             return self.weight.float() * self.scales.float()[:, None]
-        codes = _unpack_int4(self.weight).float()  # [N, K]
+        codes = unpack_int4(self.weight).float()  # [N, K]
         scale = self.scales[..., 0].float().t().repeat_interleave(GROUP, dim=1)  # [N, K]
         zero = self.scales[..., 1].float().t().repeat_interleave(GROUP, dim=1)  # [N, K]
         return (codes - 8) * scale + zero
