@@ -2,9 +2,70 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+# ------------------------------------------------------------------ optional parts
+# What `make test` cannot install (a source build, a Debian package): a test that needs one
+# is marked ``@pytest.mark.needs("llamacpp")`` and skips with the command that installs it.
+# CI (``.ci/run``) installs them all and sets DECODEKIT_REQUIRE_OPTIONAL=1: a missing part
+# is then a failure, never a silent skip.
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _llama_cpp_available() -> bool:
+    from decodekit.llamacpp import llama_cpp_available
+
+    return llama_cpp_available()
+
+
+OPTIONAL_PARTS = {  # name -> (is it here?, what it is, the command that installs it)
+    "llamacpp": (_llama_cpp_available, "llama-cpp-python built from source", "make install-llamacpp"),
+    "chromium": (lambda: os.path.exists(CHROMIUM) and shutil.which("chromium") is not None,
+                 "Debian's chromium", "apt-get install -y chromium"),
+}
+REQUIRE_OPTIONAL = os.environ.get("DECODEKIT_REQUIRE_OPTIONAL") == "1"
+
+
+def need(part: str) -> None:
+    """Skip (or, under DECODEKIT_REQUIRE_OPTIONAL=1, fail) unless optional ``part`` is here."""
+    available, what, command = OPTIONAL_PARTS[part]
+    if available():
+        return
+    message = f"needs {what}: {command}"
+    if REQUIRE_OPTIONAL:
+        pytest.fail(f"{message} (DECODEKIT_REQUIRE_OPTIONAL=1: CI installs every optional part)")
+    pytest.skip(message)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(part): the test needs an optional part "
+                            f"that make test does not install ({', '.join(OPTIONAL_PARTS)})")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers(name="needs"):
+        for part in mark.args:
+            need(part)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Under DECODEKIT_REQUIRE_OPTIONAL=1 a skip of any kind is reported as an error."""
+    if REQUIRE_OPTIONAL and terminalreporter.stats.get("skipped"):
+        terminalreporter.write_line("DECODEKIT_REQUIRE_OPTIONAL=1: tests were skipped", red=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_sessionfinish(session, exitstatus):
+    yield
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if REQUIRE_OPTIONAL and reporter is not None and reporter.stats.get("skipped") and session.exitstatus == 0:
+        session.exitstatus = 1
+
 
 VOCAB = 97  # tiny vocabulary: distributions can be checked exhaustively
 EOS = 3

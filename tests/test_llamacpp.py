@@ -14,15 +14,13 @@ import torch
 
 import decodekit
 from decodekit.cache import ModelState, left_pad
-from decodekit.llamacpp import llama_cpp_available
 from decodekit.validation import DecodeKitError
 
-from conftest import CHAT_PROMPTS
+from conftest import CHAT_PROMPTS, need
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(),
-                                     reason="llama-cpp-python is not installed (pip install 'decodekit[llamacpp]')")
+needs_llama_cpp = pytest.mark.needs("llamacpp")
 
 FIXED = {"gamma": 3, "draft_policy": "fixed"}  # always draft, so verification and rollback run
 LOSSLESS = [
@@ -37,16 +35,14 @@ LOSSLESS = [
 @pytest.fixture(scope="module")
 def gguf():
     """The bundled model on the llama.cpp backend, and its tokenizer."""
-    if not llama_cpp_available():
-        pytest.skip("llama-cpp-python is not installed (pip install 'decodekit[llamacpp]')")
+    need("llamacpp")
     return decodekit.load_model(backend="llama.cpp")
 
 
 @pytest.fixture(scope="module")
 def reference():
     """llama-cpp-python's own high-level API on the same GGUF: its greedy decoding."""
-    if not llama_cpp_available():
-        pytest.skip("llama-cpp-python is not installed")
+    need("llamacpp")
     from llama_cpp import Llama
 
     from decodekit.models import gguf_path

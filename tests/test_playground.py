@@ -1,22 +1,19 @@
 """The playground page in a real headless Chromium (Debian's ``chromium``, driven by
 Playwright; never a downloaded browser): two strategies stream side by side from the real
-server and bundled model, their tokens coloured by kind. Saves a screenshot to
-``benchmarks/results/playground.png``."""
-
-import os
-from pathlib import Path
+server and bundled model, their tokens coloured by kind. Saves a screenshot into the test's
+temporary folder (its path is printed; tests never write into tracked files)."""
 
 import pytest
+
+from conftest import CHROMIUM
 
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "playground.png"
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +32,8 @@ def server(real_model):
     engine.stop()
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="apt-get install -y chromium (see .ci/run)")
-def test_two_strategies_stream_side_by_side(server):
+@pytest.mark.needs("chromium")
+def test_two_strategies_stream_side_by_side(server, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 720})
@@ -54,8 +51,9 @@ def test_two_strategies_stream_side_by_side(server):
             page.wait_for_function(
                 "i => /\\d\\.\\d\\d forwards\\/token/.test(document.querySelectorAll('.col')[i]"
                 ".querySelector('.stats').textContent)", arg=i, timeout=240_000)
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        screenshot = tmp_path / "playground.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        print(f"playground screenshot: {screenshot}")
         greedy, lookup = columns.nth(0).locator(".tok"), columns.nth(1).locator(".tok")
         assert greedy.count() > 5 and lookup.count() > 5
         assert set(greedy.evaluate_all("els => els.map(e => e.className)")) == {"tok plain"}
