@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decodekit import generate, ngram_assisted_speculative_generate, speculative_generate
+from decodekit import costs, generate, ngram_assisted_speculative_generate, speculative_generate
 from decodekit.ngram_storage import NGramStorage
-from decodekit.strategies import draft_policy as dp
 from decodekit.strategies import ngram, speculative
 from decodekit.strategies.draft_policy import (
     AdaptivePolicy,
@@ -29,7 +28,7 @@ def _inject(model, batch: int, seconds, top: int = 64) -> None:
     """A synthetic curve for ``model`` at ``batch`` rows: ``seconds(n)`` for n = 1..top."""
     curve = CostCurve()
     curve.points.update({n: seconds(n) for n in range(1, top + 1)})
-    dp._CURVES[(dp._model_key(model), batch)] = curve
+    costs.CURVES[(costs.model_key(model), batch)] = curve
 
 
 class _Req:
@@ -63,7 +62,7 @@ def test_curves_are_measured_and_cached_per_batch_size():
     finally:
         hook.remove()
     assert set(shapes) == {4}  # measured with 4 rows
-    assert (dp._model_key(model), 4) in dp._CURVES and (dp._model_key(model), 1) not in dp._CURVES
+    assert (costs.model_key(model), 4) in costs.CURVES and (costs.model_key(model), 1) not in costs.CURVES
     assert forward_cost_curve(model, 4, batch=4) is four  # cached
     assert forward_cost_curve(model, 4, batch=1, repeats=1) is not four
     assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 9)] == [1, 2, 4, 4, 8, 16]
@@ -75,7 +74,7 @@ def test_curves_are_measured_and_cached_per_batch_size():
 def test_curve_points_never_decrease_with_the_tokens():
     c = CostCurve()
     c.points.update({1: 0.05, 2: 0.01, 3: 0.02, 4: 0.03})  # a load spike while timing n = 1
-    dp._monotone(c)
+    costs.monotone(c)
     assert c.as_dict() == {1: 0.01, 2: 0.01, 3: 0.02, 4: 0.03}
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import decodekit
-from decodekit import bench
+from decodekit import bench, costs
 from decodekit.bench import cli as bench_cli
 from decodekit.bench import runners
 from decodekit.bench.report import render_report, summarize, write_outputs
@@ -252,17 +252,16 @@ def test_tiny_end_to_end_bench(tmp_path, capsys):
 def test_cost_curves_are_measured_before_the_trials(tmp_path, monkeypatch):
     """Drafting runs at batch 2 need the curves of buckets 2 and 1 (rows leave as they finish)
     up to their widest verify forward: none of it may be measured inside a timed trial."""
-    from decodekit.strategies import draft_policy
 
     model_dir, out = tmp_path / "tiny", tmp_path / "out"
     _save_tiny_model(model_dir)
     real_trials, new_points = bench_cli.run_trials, {}
 
     def trials(ctx, runs):
-        before = {key: set(c.points) for key, c in draft_policy._CURVES.items()}
+        before = {key: set(c.points) for key, c in costs.CURVES.items()}
         assert {key[1] for key in before} >= {1, 2}
         done = real_trials(ctx, runs)
-        for key, curve in draft_policy._CURVES.items():
+        for key, curve in costs.CURVES.items():
             if set(curve.points) - before.get(key, set()):
                 new_points[key] = set(curve.points) - before.get(key, set())
         return done

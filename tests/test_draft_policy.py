@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from decodekit import DecodeKitError, generate
+from decodekit import DecodeKitError, costs, generate
 from decodekit.strategies import draft_policy as dp
 from decodekit.strategies.draft_policy import (
     CostCurve,
@@ -146,7 +146,7 @@ def test_forward_cost_curve_is_measured_once(monkeypatch):
     curve = forward_cost_curve(model, 6, repeats=1)
     assert set(curve.points) >= {1, 2, 3, 4, 5, 6} and all(t > 0 for t in curve.points.values())
     calls = []
-    monkeypatch.setattr(dp.time, "perf_counter", lambda: calls.append(1) or 0.0)
+    monkeypatch.setattr(costs.time, "perf_counter", lambda: calls.append(1) or 0.0)
     assert forward_cost_curve(model, 6) is curve and not calls  # cached: nothing re-measured
 
 
@@ -270,7 +270,7 @@ def test_cost_curves_of_a_quantized_model_are_its_own():
     model, twin = tiny_llama(), tiny_llama()
     twin.config._name_or_path = model.config._name_or_path = "same-name"
     quantize_model(twin, "int8")
-    assert dp._model_key(model) != dp._model_key(twin)
+    assert costs.model_key(model) != costs.model_key(twin)
 
 
 def test_cost_policy_keeps_its_estimate_with_the_drafter():

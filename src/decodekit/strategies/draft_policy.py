@@ -37,12 +37,12 @@ The policies (``POLICIES``):
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from decodekit.costs import CostCurve, VerifyCost, batch_bucket, forward_cost_curve
 from decodekit.strategies.options import Options, option
 from decodekit.validation import DecodeKitError, check_choice, check_float, check_int
 
@@ -225,124 +225,6 @@ class EgagPolicy(DraftPolicy):
     def rows_before_ema(self) -> int:
         """Rows of a policy that has not chosen yet (its drafter's batch)."""
         return self.drafter.state.batch_size
-
-
-# ---------------------------------------------------------------------------- cost model
-class CostCurve:
-    """Measured seconds of one forward with ``n`` new tokens per row (one batch size); linear
-    in between points (``n`` may be fractional)."""
-
-    def __init__(self):
-        self.points: dict[int, float] = {}
-
-    def __call__(self, n: int) -> float:
-        if n in self.points:
-            return self.points[n]
-        xs = sorted(self.points)
-        if n <= xs[0]:
-            return self.points[xs[0]]
-        if n >= xs[-1]:  # beyond the measured range: extend the last slope
-            x0, x1 = (xs[-2], xs[-1]) if len(xs) > 1 else (xs[-1], xs[-1])
-            slope = (self.points[x1] - self.points[x0]) / (x1 - x0) if x1 > x0 else 0.0
-            return self.points[x1] + slope * (n - x1)
-        hi = next(x for x in xs if x > n)
-        lo = max(x for x in xs if x < n)
-        w = (n - lo) / (hi - lo)
-        return (1 - w) * self.points[lo] + w * self.points[hi]
-
-    def as_dict(self) -> dict[int, float]:
-        return dict(sorted(self.points.items()))
-
-
-_GRID = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
-_CURVES: dict[tuple, CostCurve] = {}  # (model key, batch size) -> curve, measured once, in memory
-
-
-def _model_key(model) -> tuple:
-    """What a cost curve depends on: architecture, size, dtype (an int8/int4 model is not its
-    float twin) and device."""
-    from decodekit.quant import quant_scheme
-
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    param = next(model.parameters(), None)  # None: a model run outside torch (llama.cpp backend)
-    dtype, device = (param.dtype, str(param.device)) if param is not None else (None, str(model.device))
-    return (type(model).__name__, getattr(cfg, "_name_or_path", ""), getattr(cfg, "num_hidden_layers", None),
-            getattr(cfg, "hidden_size", None), getattr(cfg, "vocab_size", None), dtype, quant_scheme(model),
-            device, id(model) if not getattr(cfg, "_name_or_path", "") else 0)
-
-
-@torch.inference_mode()
-def forward_cost_curve(model, max_tokens: int, *, batch: int = 1, context: int = 64,
-                       repeats: int = 3) -> CostCurve:
-    """Seconds of one cached forward of ``batch`` rows with ``n`` new tokens each (after
-    ``context`` tokens) for ``n`` on a grid up to ``max_tokens``.
-
-    Measured once per model/dtype/device and batch size and kept in memory; asking for a
-    larger ``max_tokens`` later measures only the missing points. The machine may be shared
-    and noise only ever adds time, so the sizes are timed in turn (``repeats`` rounds) and
-    each keeps its fastest run; a point is then never above a larger size's (``monotone``).
-    """
-    from decodekit.cache import ModelState
-    from decodekit.model_info import vocab_size
-
-    curve = _CURVES.setdefault((_model_key(model), batch), CostCurve())
-    todo = [n for n in _GRID if n < max_tokens and n not in curve.points]
-    if max_tokens not in curve.points:
-        todo.append(max_tokens)
-    if not todo:
-        return curve
-    gen = torch.Generator().manual_seed(0)
-    vocab = vocab_size(model)
-    ctx = torch.randint(4, vocab, (batch, context), generator=gen)
-    state, _ = ModelState.prefill(model, ctx)
-    state.extend(ctx[:, :1])  # warm-up
-    state.crop(1)
-    inputs = {n: torch.randint(4, vocab, (batch, n), generator=gen) for n in todo}
-    times: dict[int, list[float]] = {n: [] for n in todo}
-    for _ in range(repeats):
-        for n, tokens in inputs.items():
-            t0 = time.perf_counter()
-            state.extend(tokens)
-            if state.ids.device.type == "cuda":
-                torch.cuda.synchronize()
-            times[n].append(time.perf_counter() - t0)
-            state.crop(n)
-    curve.points.update({n: min(t) for n, t in times.items()})
-    _monotone(curve)
-    return curve
-
-
-def _monotone(curve: CostCurve) -> None:
-    """A forward over more tokens never costs less: each point becomes the smallest time
-    measured at its size or above (noise on a shared machine only adds)."""
-    low = math.inf
-    for n in sorted(curve.points, reverse=True):
-        low = curve.points[n] = min(curve.points[n], low)
-
-
-def batch_bucket(batch: int) -> int:
-    """The batch size whose curve serves ``batch`` rows: the next power of two (1, 2, 4, ...)."""
-    return 1 << max(batch - 1, 0).bit_length()
-
-
-class VerifyCost:
-    """``t(n, B)``: seconds of one forward of ``B`` rows with ``n`` new tokens each.
-
-    Measured lazily for the batch sizes actually decoding (``forward_cost_curve``, cached per
-    model and batch size), in buckets of powers of two: ``B`` rows of the bucket ``B' >= B``
-    cost what ``B'`` rows of ``n * B / B'`` tokens cost (the matmuls see ``n * B`` tokens).
-    """
-
-    def __init__(self, model, max_tokens: int):
-        self.model, self.max_tokens = model, max_tokens
-        self.curves: dict[int, CostCurve] = {}  # bucket -> curve
-
-    def __call__(self, n: int, batch: int) -> float:
-        bucket = batch_bucket(batch)
-        curve = self.curves.get(bucket)
-        if curve is None:
-            curve = self.curves[bucket] = forward_cost_curve(self.model, self.max_tokens, batch=bucket)
-        return curve(n * batch / bucket)
 
 
 class CostPolicy(DraftPolicy):
