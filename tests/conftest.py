@@ -43,6 +43,7 @@ def need(part: str) -> None:
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "measured_costs: the test times real forwards (no recorded cost curve)")
     config.addinivalue_line("markers", "needs(part): the test needs an optional part "
                             f"that make test does not install ({', '.join(OPTIONAL_PARTS)})")
 
@@ -65,6 +66,55 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if REQUIRE_OPTIONAL and reporter is not None and reporter.stats.get("skipped") and session.exitstatus == 0:
         session.exitstatus = 1
+
+
+def recorded_cost(tokens: int) -> float:
+    """A recorded forward-cost shape (seconds for ``tokens`` = rows x new tokens): a nearly
+    flat start, then linear, like the measured CPU curves, so the cost policies draft."""
+    return 0.05 * (1 + 0.12 * (tokens - 1))
+
+
+def _real_timers():
+    from decodekit import costs
+    from decodekit.strategies.eagle import EagleDrafter
+
+    return costs.measure_forwards, EagleDrafter.step_cost
+
+
+REAL_MEASURE, REAL_STEP_COST = _real_timers()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def recorded_forward_costs():
+    """Tests run on a recorded cost curve, not on timings: the ``cost`` and ``adaptive`` draft
+    policies then choose the same widths every run, so exact-equality tests that keep the
+    default policy are deterministic (session-wide, so module fixtures such as a started
+    server engine see it too). A test of the measurement itself is marked
+    ``@pytest.mark.measured_costs``; subprocesses measure (and keep no file)."""
+    from decodekit import costs
+    from decodekit.strategies.eagle import EagleDrafter
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(costs, "measure_forwards",
+                   lambda model, todo, batch, repeats: {n: recorded_cost(n * batch) for n in todo})
+        mp.setattr(EagleDrafter, "step_cost", lambda self, batch: 0.07 * recorded_cost(batch))
+        mp.setenv("DECODEKIT_COST_CACHE", "0")  # nothing recorded or measured in tests reaches a file
+        yield
+
+
+@pytest.fixture(autouse=True)
+def measured_costs(request, monkeypatch, tmp_path):
+    """``@pytest.mark.measured_costs``: the real timing, an empty in-memory cache and a
+    calibration folder of the test's own."""
+    if not request.node.get_closest_marker("measured_costs"):
+        return
+    from decodekit import costs
+    from decodekit.strategies.eagle import EagleDrafter
+
+    monkeypatch.setattr(costs, "measure_forwards", REAL_MEASURE)
+    monkeypatch.setattr(EagleDrafter, "step_cost", REAL_STEP_COST)
+    monkeypatch.setattr(costs, "CURVES", {})
+    monkeypatch.setenv("DECODEKIT_COST_CACHE", str(tmp_path / "cost_curves"))
 
 
 VOCAB = 97  # tiny vocabulary: distributions can be checked exhaustively

@@ -52,6 +52,7 @@ COMPUTE = staticmethod(lambda n: 0.010 * n)  # every token costs a full forward'
 MILD = staticmethod(lambda n: 0.010 + 0.001 * n)  # each token adds 10%
 
 
+@pytest.mark.measured_costs
 def test_curves_are_measured_and_cached_per_batch_size():
     model = tiny_llama(21, layers=1)
     shapes = []

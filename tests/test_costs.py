@@ -12,7 +12,7 @@ from decodekit import costs
 
 from conftest import tiny_llama
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.measured_costs]
 
 
 def named_tiny(name: str = "tiny/named", seed: int = 7):

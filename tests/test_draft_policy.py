@@ -141,6 +141,7 @@ def test_cost_curve_interpolates_and_extrapolates():
     assert c(2) == pytest.approx(2.0) and c(5) == pytest.approx(5.0) and c(1) == 1.0
 
 
+@pytest.mark.measured_costs
 def test_forward_cost_curve_is_measured_once(monkeypatch):
     model = tiny_llama(7, layers=1)
     curve = forward_cost_curve(model, 6, repeats=1)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["CostCurve", "VerifyCost", "forward_cost_curve", "batch_bucket", "calibration_key",
-           "calibration_file", "GRID", "CURVES", "model_key", "monotone"]
+           "calibration_file", "GRID", "CURVES", "model_key", "monotone", "measure_forwards"]
 
 GRID = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
 CONTEXT = 64  # tokens of context before the timed forwards
@@ -133,7 +133,7 @@ def _write(path: Path | None, key: dict, curve: CostCurve) -> None:
 
 # ---------------------------------------------------------------------------- measuring
 @torch.inference_mode()
-def _time_forwards(model, todo: list[int], batch: int, repeats: int) -> dict[int, float]:
+def measure_forwards(model, todo: list[int], batch: int, repeats: int) -> dict[int, float]:
     """Fastest of ``repeats`` timings of one forward of ``batch`` rows x ``n`` new tokens
     (after ``CONTEXT`` tokens), for each ``n`` in ``todo``; the sizes are timed in turn."""
     from decodekit.cache import ModelState
@@ -178,7 +178,7 @@ def forward_cost_curve(model, max_tokens: int, *, batch: int = 1, repeats: int =
         todo.append(max_tokens)
     if not todo:
         return curve
-    curve.points.update(_time_forwards(model, todo, batch, repeats))
+    curve.points.update(measure_forwards(model, todo, batch, repeats))
     monotone(curve)
     _write(path, key, curve)
     return curve
