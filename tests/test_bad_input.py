@@ -88,7 +88,8 @@ def test_dtype_help_names_the_real_default(capsys):
         main(["generate", "--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert f"(default {models.DEFAULT_DTYPE})" in text and "default float32" not in text
+    cpu, cuda = models.DEFAULT_DTYPES["cpu"], models.DEFAULT_DTYPES["cuda"]
+    assert f"(default {cpu} on the CPU, {cuda} on CUDA)" in text
 
 
 def test_layers_drafter_is_left_to_the_strategy(no_model_load):

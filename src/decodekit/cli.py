@@ -40,9 +40,10 @@ def add_model_flags(parser) -> None:
              help="bundled model name (smollm2-135m-instruct, gemma-3-270m), HF model dir or .gguf "
                   "file (default: smollm2-135m-instruct)")
     add_flag(parser, "device", default="auto", help="cpu | cuda | auto (default auto)")
-    from decodekit.models import DEFAULT_DTYPE, DTYPES
+    from decodekit.models import DEFAULT_DTYPES, DTYPES
 
-    add_flag(parser, "dtype", default=None, help=f"{' | '.join(DTYPES)} (default {DEFAULT_DTYPE}); with "
+    add_flag(parser, "dtype", default=None, help=f"{' | '.join(DTYPES)} (default {DEFAULT_DTYPES['cpu']} on the "
+             f"CPU, {DEFAULT_DTYPES['cuda']} on CUDA); with "
              "--backend llama.cpp: q4_0 | q8_0 (the GGUF requantized by llama.cpp, cached; default: as it is)")
     add_flag(parser, "trust_remote_code", action="store_true")
 
@@ -311,7 +312,7 @@ def _check_eagle_dir(spec: str) -> None:
 def run_generate(args) -> int:
     from decodekit.batch_runner import generate_prompts, open_results, print_records
     from decodekit.io import load_prompts
-    from decodekit.models import load_model
+    from decodekit.models import default_dtype_note, load_model
     from decodekit.ray import engine_from_args, run_ray
 
     _validate_generate_args(args)
@@ -332,6 +333,8 @@ def run_generate(args) -> int:
             print(f"results written to {args.output_file} (in completion order; 'index' is each "
                   "prompt's place)", file=sys.stderr)
         return 0
+    if args.dtype is None and args.backend != "llama.cpp":
+        print(f"decodekit: {default_dtype_note(args.device)}", file=sys.stderr)
     model, tokenizer = load_model(args.model_path, dtype=args.dtype, device=args.device,
                                   trust_remote_code=args.trust_remote_code, backend=args.backend)
     show_debug = bool(args.debug or options.get("show_drafts"))
@@ -403,7 +406,8 @@ def build_train_drafter_parser(sub) -> argparse.ArgumentParser:
              help="bundled model name, HF model dir or .gguf file (default: smollm2-135m-instruct)")
     add_flag(p, "out", required=True, help="directory for model.safetensors + card.json")
     add_flag(p, "device", default="auto", help="cpu | cuda | auto (default auto)")
-    add_flag(p, "dtype", default=None, help="float dtype of the target while collecting data (default bfloat16)")
+    add_flag(p, "dtype", default=None, help="float dtype of the target while collecting data (default float32 on the CPU, "
+             "bfloat16 on CUDA)")
     add_flag(p, "draft_vocab", type=int, default=d.draft_vocab,
              help="draft from the N most frequent generated tokens only (default: the full vocabulary)")
     add_flag(p, "num_prompts", type=int, default=d.num_prompts, help=f"training prompts (default {d.num_prompts})")

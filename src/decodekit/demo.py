@@ -80,7 +80,7 @@ def _check_prompt_lengths(tokenizer, prompts: list[str], use_chat_template: bool
 def run(args) -> int:
     from decodekit.batch_runner import generate_prompts, open_results, print_records
     from decodekit.io import load_prompts
-    from decodekit.models import load_model
+    from decodekit.models import default_dtype_note, load_model
 
     _validate(args)
     prompts = load_prompts(args.prompt, args.prompts_file)
@@ -90,6 +90,7 @@ def run(args) -> int:
     if writer is not None and not writer.pending():
         print(f"all {len(prompts)} prompts already have results in {args.output_file}", file=sys.stderr)
         return 0
+    print(f"decodekit: {default_dtype_note(args.device)}", file=sys.stderr)
     model, tokenizer = load_model(args.model_path, device=args.device, trust_remote_code=args.trust_remote_code)
     _check_prompt_lengths(tokenizer, prompts, args.use_chat_template, args.max_length)
     records = generate_prompts(model, tokenizer, prompts, args, kwargs, args.debug, writer)

@@ -21,15 +21,18 @@ import torch
 from decodekit.validation import DecodeKitError, check_choice
 
 __all__ = ["load_model", "check_model_spec", "check_backend", "gguf_path", "BUNDLED_MODELS", "DEFAULT_MODEL", "DTYPES",
+           "default_dtype", "default_dtype_note", "DEFAULT_DTYPES",
            "BACKENDS", "cache_dir", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# Measured on the 2-core CPU (`decodekit bench --preset foundation`, README): bfloat16 greedy
-# decodes 1.4x faster than float32 at batch 1 and ~2x at batch 8 (half the bytes to read, and
-# bf16 matmuls stay flat from 1 to 8 rows). float32 stays available for bit-exact checks.
-DEFAULT_DTYPE = "bfloat16"
+# The default dtype by device (``default_dtype``): float32 on the CPU, bfloat16 on CUDA. On
+# the CPUs measured (docs "Models and dtypes", benchmarks/results/cpu-dtype-default), bfloat16
+# greedy was slower than float32 without AMX and at best even with it, and bfloat16 output
+# depends on the batch's composition (verify widths, other rows); float32's does far less.
+DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
+DEFAULT_DTYPE = DEFAULT_DTYPES["cpu"]  # the default where the device is not yet known (help texts)
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Weight-only quantized Linear layers (decodekit.quant, CPU): quantized from the float32
 # weights, activations in bfloat16. README "Quantized weights" has the speed and quality.
@@ -261,10 +264,28 @@ def _load_llama_cpp(spec: str | None, trust_remote_code: bool, llama_options: di
     return model, tokenizer
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> tuple[torch.dtype, str | None]:
+def _device_type(device: str | torch.device | None) -> str:
+    return device.type if isinstance(device, torch.device) else resolve_device(device).type
+
+
+def default_dtype(device: str | torch.device | None = None) -> str:
+    """The dtype ``load_model`` picks when none is given: ``DEFAULT_DTYPES`` by device type."""
+    return DEFAULT_DTYPES.get(_device_type(device), "float32")
+
+
+def default_dtype_note(device: str | torch.device | None = None) -> str:
+    """One line saying which dtype the default picks and why (the CLI prints it at load)."""
+    kind = _device_type(device)
+    why = {"cpu": "the CPU default: bfloat16 was not faster on the CPUs measured and its output "
+                  "depends on the batch's composition",
+           "cuda": "the GPU default: native bfloat16 matmuls"}.get(kind, "the default")
+    return f"dtype {default_dtype(device)} ({why}; --dtype chooses another)"
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tuple[torch.dtype, str | None]:
     """``(dtype the weights load in, quantization scheme or None)``."""
     if dtype is None:
-        dtype = DEFAULT_DTYPE
+        dtype = default_dtype(device)
     if not isinstance(dtype, str):
         return dtype, None
     check_choice("dtype", dtype, DTYPES)
@@ -286,8 +307,8 @@ def load_model(
     """Load ``(model, tokenizer)``.
 
     ``spec``: None or ``"smollm2-135m-instruct"`` (the bundled default), ``"gemma-3-270m"``,
-    a local model directory, or a ``.gguf`` file. ``dtype``: ``"bfloat16"`` (default, the
-    faster float on CPU in our benchmark), ``"float32"``, ``"float16"``, or weight-only
+    a local model directory, or a ``.gguf`` file. ``dtype``: ``"float32"`` (the default on
+    the CPU), ``"bfloat16"`` (the default on CUDA), ``"float16"``, or weight-only
     quantized ``"int8"`` / ``"int4"`` (CPU; Linear weights quantized from float32,
     activations in bfloat16, see ``decodekit.quant``). ``device``: cpu | cuda | auto.
     The tokenizer pads on the left, with EOS as pad token when it has none. ``param`` is
@@ -309,8 +330,8 @@ def load_model(
         return model, _pad_left(model, tokenizer)
     if llama_options:
         raise DecodeKitError(f"{', '.join(llama_options)}: options of backend 'llama.cpp' only")
-    load_dtype, scheme = _resolve_dtype(dtype)
     torch_device = resolve_device(device)
+    load_dtype, scheme = _resolve_dtype(dtype, torch_device)
     if scheme:
         quant.check_quant(scheme, torch_device)
     try:

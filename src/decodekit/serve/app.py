@@ -291,9 +291,11 @@ def run(args) -> int:
     import uvicorn
 
     from decodekit.model_info import context_length
-    from decodekit.models import DEFAULT_MODEL, load_model
+    from decodekit.models import DEFAULT_MODEL, default_dtype_note, load_model
     from decodekit.serve.engine import Engine
 
+    if args.dtype is None:
+        print(f"decodekit serve: {default_dtype_note(args.device)}", flush=True)
     model, tokenizer = load_model(args.model_path, dtype=args.dtype, device=args.device,
                                   trust_remote_code=args.trust_remote_code)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
