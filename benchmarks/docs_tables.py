@@ -50,7 +50,8 @@ COLUMNS = {
     "tok_s": ("tokens/s", _num("tokens_per_s")),
     "x_greedy": ("x our greedy", _num("x_greedy", 2)),
     "x_tf": ("x transformers", _num("x_transformers", 2)),
-    "fwd": ("forwards/token", _num("forwards_per_token", 2)),
+    # llama.cpp's own rows are not counted by the bench's forward hook
+    "fwd": ("forwards/token", lambda r: "–" if r["impl"] == "llama.cpp" else _num("forwards_per_token", 2)(r)),
     "acc": ("acceptance", _num("acceptance_rate", 2)),
     "same": ("= greedy rows", lambda r: r.get("identical_to_greedy") or "–"),
     "loglik": ("log-lik/token", lambda r: _quality(r, "loglik_per_token", "{:.2f}")),
@@ -138,6 +139,14 @@ def _trials(cfg: dict) -> str:
     return f"{n} interleaved trial{'' if n == 1 else 's'}"
 
 
+def scratch_command(run: str, command: str) -> str:
+    """The run's command, safe to copy: ``--output_dir`` points at a scratch directory (the
+    report records where it was written) and an empty ``--gammas`` value is quoted."""
+    command = re.sub(r"--gammas (?=--|$)", "--gammas '' ", command.replace("--gammas  ", "--gammas '' "))
+    command = re.sub(r"--output_dir \S+", f"--output_dir /tmp/decodekit-bench/{run}", command)
+    return command.strip()
+
+
 def provenance(run: str, report: dict, link_prefix: str) -> str:
     card = report["card"]
     where = f"{card['cpu']}, {card['cpu_cores']} cores, torch threads {card['torch_threads']}"
@@ -149,7 +158,7 @@ def provenance(run: str, report: dict, link_prefix: str) -> str:
     return (f"Measured {run_date(run, report)} on {where} ({software}; {card['model']}; "
             f"{_trials(cfg)}, median, {clock}). "
             f"Report: [{run}]({link_prefix}benchmarks/results/{run}/report.md).\n"
-            f"Command: `{report['command']}`\n")  # a blank line follows, then the table
+            f"Command (`--output_dir` pointed at a scratch directory): `{scratch_command(run, report['command'])}`\n")  # a blank line follows, then the table
 
 
 def render(name: str, link_prefix: str) -> str:
