@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   -> virtualenv + CPU torch + decodekit + bundled model, then a real generation
-#   make test   -> the same plus dev extras (and Ray for the --engine ray tests), then the whole test suite (slow real-model tests included)
+#   make test   -> the same plus dev extras (Ray for the --engine ray tests, MkDocs for the docs tests), then the whole test suite (slow real-model tests included)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: demo test install install-dev install-llamacpp gemma lint bench bench-quick clean
+.PHONY: demo test install install-dev install-llamacpp gemma lint bench bench-quick docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e '.[dev,bench,ray,serve]'
+	$(PIP) install -q -e '.[dev,bench,ray,serve,docs]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -55,5 +55,9 @@ bench-quick: install-dev
 bench: install-dev
 	$(VENV)/bin/decodekit bench --output_dir bench_out/full
 
+# The docs site into site/ (tests/test_docs.py builds it with --strict into a temp dir as part of make test)
+docs: install-dev
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) bench_out .pytest_cache
+	rm -rf $(VENV) bench_out .pytest_cache site

@@ -151,12 +151,13 @@ def test_concurrent_clients_mixed_strategies(client, real_model):
 
 
 def test_readme_openai_example_runs(server, capsys):
-    """The README's ``openai`` client example, as written, against this server."""
+    """The docs' ``openai`` client example (docs/server.md), as written, against this server
+    with its API key (tests/test_docs.py runs it against a server without one)."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"```py\n(from openai import OpenAI.*?)```", readme, flags=re.S).group(1)
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "server.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(from openai import OpenAI.*?)```", readme, flags=re.S).group(1)
     block = block.replace("http://127.0.0.1:8000", server.url).replace('api_key="s3cret"', 'api_key="test-key"')
     exec(compile(block, "README.md openai example", "exec"), {"__name__": "readme"})
     printed = capsys.readouterr().out
