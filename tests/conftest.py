@@ -48,6 +48,26 @@ def pytest_configure(config):
                             f"that make test does not install ({', '.join(OPTIONAL_PARTS)})")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--without-part", action="append", default=[], metavar="PART",
+                     help="deselect the tests that need optional PART (CI runs them after building it)")
+    parser.addoption("--only-part", action="append", default=[], metavar="PART",
+                     help="select only the tests that need optional PART")
+
+
+def _parts(item) -> set[str]:
+    return {part for mark in item.iter_markers(name="needs") for part in mark.args}
+
+
+def pytest_collection_modifyitems(config, items):
+    without, only = set(config.getoption("--without-part")), set(config.getoption("--only-part"))
+    if not (without or only):
+        return
+    keep = [i for i in items if not (_parts(i) & without) and (not only or _parts(i) & only)]
+    config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+    items[:] = keep
+
+
 def pytest_runtest_setup(item):
     for mark in item.iter_markers(name="needs"):
         for part in mark.args:
@@ -156,6 +176,20 @@ def one_thread():
     ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def real_model_threads(request):
+    """Tests on the real model use every core (``DECODEKIT_TEST_THREADS``, default all), tiny
+    models keep their module's one thread: a 135M model's matmuls gain from a second core,
+    a tiny model's only wait on it. CI sets 1 while llama.cpp builds on the other core."""
+    if "real_model" not in request.fixturenames:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("DECODEKIT_TEST_THREADS", os.cpu_count() or 1)))
     yield
     torch.set_num_threads(before)
 

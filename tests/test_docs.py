@@ -248,7 +248,9 @@ def _run_command(command: str, env_url: str | None) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", RUN_BLOCKS, ids=[b.id for b in RUN_BLOCKS])
+@pytest.mark.parametrize("block", [
+    pytest.param(b, marks=[pytest.mark.needs(b.reason)] if b.marker == "needs" and b.reason != "server" else [])
+    for b in RUN_BLOCKS], ids=[b.id for b in RUN_BLOCKS])
 def test_code_block_runs_as_written(block: Block, request, monkeypatch, shared_models):
     url = None
     if block.marker == "needs":

@@ -67,6 +67,7 @@ def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 # ---------------------------------------------------------------------------- greedy = llama.cpp's own
 @pytest.mark.slow
+@needs_llama_cpp
 def test_greedy_equals_llama_cpps_own_greedy(gguf, reference):
     model, tokenizer = gguf
     rows = encode(tokenizer, CHAT_PROMPTS[:3])
@@ -81,6 +82,7 @@ def test_greedy_equals_llama_cpps_own_greedy(gguf, reference):
 
 
 @pytest.mark.slow
+@needs_llama_cpp
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("strategy,options", LOSSLESS, ids=[s for s, _ in LOSSLESS])
 def test_lossless_strategies_equal_greedy(gguf, strategy, options, batch):
@@ -125,6 +127,7 @@ def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @pytest.mark.slow
+@needs_llama_cpp
 def test_rollback_crop_select_rows_and_fork_equal_decoding_from_scratch(gguf):
     model, tokenizer = gguf
     rows = encode(tokenizer, ["What is 2 + 2?", "hi"])
@@ -155,6 +158,7 @@ def test_rollback_crop_select_rows_and_fork_equal_decoding_from_scratch(gguf):
 
 
 @pytest.mark.slow
+@needs_llama_cpp
 @pytest.mark.parametrize("strategy,options", [
     ("beam", {"num_beams": 3}), ("eis", {"top_k": 3, "lookahead_steps": 2}), ("sample", {"seed": 0}),
     ("refine", {"add_eos_length": 4, "refine_iter": 1}),
@@ -169,6 +173,7 @@ def test_every_strategy_runs_and_gives_its_sequences_back(gguf, strategy, option
 
 
 @pytest.mark.slow
+@needs_llama_cpp
 def test_beams_may_fill_every_sequence(gguf):
     """4 prompts x 4 beams use all 16 sequences: a beam step frees the dropped beams' sequences
     before it copies the kept ones (it asked for a 17th and failed before)."""
@@ -182,6 +187,7 @@ def test_beams_may_fill_every_sequence(gguf):
 
 
 @pytest.mark.slow
+@needs_llama_cpp
 def test_what_llama_cpp_cannot_do_is_a_one_line_error(gguf):
     model, tokenizer = gguf
     rows = encode(tokenizer, ["hi"])
@@ -192,6 +198,7 @@ def test_what_llama_cpp_cannot_do_is_a_one_line_error(gguf):
 
 
 @pytest.mark.slow
+@needs_llama_cpp
 def test_requantized_gguf_is_made_once_and_equals_llama_cpps_own_greedy(gguf, tmp_path, monkeypatch):
     """dtype="q4_0": llama.cpp requantizes the GGUF once into decodekit's cache (a second load
     reuses the file); greedy on it is token-identical to llama.cpp's own greedy on that file."""
@@ -310,6 +317,7 @@ def test_bench_plans_llama_cpp_peer_rows_beside_ours(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@needs_llama_cpp
 def test_bench_runs_the_llama_cpp_peer_and_checks_identity(gguf, tmp_path):
     from decodekit.bench.cli import run_bench
     from decodekit.bench.config import resolve_config
