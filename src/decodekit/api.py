@@ -12,6 +12,10 @@
   ``suppress_tokens``, ``min_new_tokens``, ``ignore_eos``. They stay exact under every
   speculative strategy. ``seed`` makes sampling reproducible; ``num_return_sequences=n``
   samples n sequences per prompt from one shared prefill.
+* Structured output (needs ``tokenizer``), one of: ``json_schema`` (a dict or JSON text),
+  ``json_object=True``, ``regex``, ``grammar`` (Lark or GBNF text) or ``choices`` (strings):
+  a ``decodekit.constraints.GrammarConstraint`` masks what it forbids, exact under every
+  strategy but EIS (refused).
 * ``logprobs=N`` (0..20): each generated token's log-probability under the final processed
   distribution (under speculation, the target's, never the drafter's) and the ``N`` most
   likely alternatives, in ``output.logprobs``.
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor
 
 from decodekit.cache import left_pad
+from decodekit.constraints import ConstraintSpec, GrammarConstraint, pop_constraint
 from decodekit.model_info import context_length, default_eos_pad, pad_id, vocab_size
 from decodekit.outputs import GenerationOutput, RowTracker
 from decodekit.processors import (
@@ -189,6 +194,17 @@ def _make_processor(strategy: Strategy, logits_processor, knobs: dict, eos_ids: 
                          vocab_size=vocab)
 
 
+def _add_constraint(strategy: Strategy, processor: LogitsPipeline, spec: ConstraintSpec | None,
+                    tokenizer, eos_ids: list[int], vocab: int | None) -> None:
+    """The constraint goes first in the pipeline: what it forbids stays -inf through the
+    penalties, temperature and filters, so it is part of the target distribution."""
+    if spec is None:
+        return
+    if strategy.sampling == "own":
+        raise DecodeKitError(f"strategy {strategy.name!r} does not take {spec.name} (its rollouts are unconstrained)")
+    processor.processors.insert(0, GrammarConstraint(spec, tokenizer, eos_ids, vocab))
+
+
 def _share_prompts(ids: Tensor, mask: Tensor, n: int, processor: LogitsPipeline):
     """``n`` samples per prompt: each row repeated ``n`` times (prompt-major), with the
     prompt number of every copy (``DecodeRequest.shared``: prefilled once, then forked)."""
@@ -287,6 +303,8 @@ def _build_request(a: SimpleNamespace) -> tuple[Strategy, object, DecodeRequest]
     """``build_request`` on ``a``: every parameter of ``generate`` by name, defaults filled in."""
     chosen = get_strategy(a.strategy)
     knobs = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    a.options = dict(a.options)
+    spec = pop_constraint(a.options)
     opts = build_options(a.strategy, {k: v for k, v in a.options.items() if k not in PROCESSOR_OPTIONS}, knobs)
     knobs.update({k: v for k, v in a.options.items() if k in PROCESSOR_OPTIONS})
     check_int("max_new_tokens", a.max_new_tokens, min_value=1)
@@ -298,6 +316,7 @@ def _build_request(a: SimpleNamespace) -> tuple[Strategy, object, DecodeRequest]
     ids, mask, eos_ids, pad_token_id = _inputs(model, a.input_ids, a.attention_mask, a.eos_token_id,
                                                 a.pad_token_id, a.max_new_tokens)
     processor = _make_processor(chosen, a.logits_processor, knobs, eos_ids, vocab_size(model))
+    _add_constraint(chosen, processor, spec, a.tokenizer, eos_ids, vocab_size(model))
     ids, mask, shared = _share_prompts(ids, mask, opts.samples_per_prompt, processor)
     stop_strings = check_stop_strings(a.stop_strings)
     if stop_strings and a.tokenizer is None:

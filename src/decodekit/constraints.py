@@ -1,0 +1,264 @@
+"""Structured output: JSON Schema, JSON, regular expressions, grammars and choice lists.
+
+A constraint is one more history processor (``GrammarConstraint``): for every row it masks
+the tokens the grammar forbids (logit -inf) at the next position, and allows EOS only where
+the grammar is complete. It reads the row's generated tokens from ``input_ids`` /
+``prompt_lengths`` like the penalties do, so the strategies need nothing new to stay exact:
+
+* speculation calls it on ``[B, K, V]`` logits, position ``j`` with the history that ends in
+  drafts ``0..j-1``: draft ``j`` is judged by the masked target distribution (a draft the
+  grammar forbids has probability 0 and is rejected), and the next step's shorter history
+  rolls the matcher back to the accepted prefix;
+* beam search passes every beam's own sequence: a beam's matcher is the closest earlier
+  matcher (longest common prefix), copied when two beams share a parent.
+
+The engine is llguidance (``benchmarks/constraint_engines.py``: ~15 us a mask on the bundled
+49k tokenizer, rollback and cheap copies, Lark / GBNF / regex / JSON Schema, a small wheel).
+``ConstraintSpec.from_options`` checks a spec without a tokenizer or model, so bad input
+fails before anything loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from decodekit.processors import HistoryProcessor
+from decodekit.validation import DecodeKitError
+
+__all__ = ["CONSTRAINT_OPTIONS", "ConstraintSpec", "GrammarConstraint", "pop_constraint", "forced_tokens"]
+
+# generate()'s constraint keywords; at most one may be given.
+CONSTRAINT_OPTIONS = ("json_schema", "json_object", "regex", "grammar", "choices")
+_JSON_DEFAULTS = {"whitespace_flexible": False}  # compact JSON: no runs of spaces or newlines
+
+
+def _engine():
+    try:
+        import llguidance
+    except ImportError as exc:  # a core dependency; only a broken install gets here
+        raise DecodeKitError("structured output needs the llguidance package: pip install llguidance") from exc
+    return llguidance
+
+
+def _schema(value) -> dict | bool:
+    """A JSON Schema given as a dict, a JSON string, or a path to a JSON file."""
+    if isinstance(value, dict | bool):
+        return value
+    if not isinstance(value, str):
+        raise DecodeKitError(f"json_schema must be a dict or a JSON string, got {type(value).__name__}")
+    text = value
+    if not value.lstrip().startswith(("{", "[")) and os.path.isfile(value):
+        text = Path(value).read_text()
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DecodeKitError(f"json_schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict | bool):
+        raise DecodeKitError(f"json_schema must be a JSON object, got {type(schema).__name__}")
+    return schema
+
+
+def _choices(value) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
+        raise DecodeKitError(f"choices must be a non-empty list of strings, got {value!r}")
+    if not all(isinstance(c, str) and c for c in value):
+        raise DecodeKitError(f"choices must hold non-empty strings, got {value!r}")
+    return list(value)
+
+
+def _grammar_text(name: str, value) -> str:
+    """The llguidance grammar (a JSON string) for one constraint keyword."""
+    llg = _engine()
+    build = llg.LLMatcher
+    try:
+        if name == "json_schema":
+            return build.grammar_from_json_schema(_schema(value), defaults=_JSON_DEFAULTS)
+        if name == "json_object":
+            return build.grammar_from_json_schema({"type": "object"}, defaults=_JSON_DEFAULTS)
+        if name == "regex":
+            return build.grammar_from_regex(value)
+        if name == "choices":
+            return build.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in _choices(value)))
+        text = Path(value).read_text() if os.path.isfile(value) else value
+        return llg.grammar_from("grammar", text)  # Lark, or GBNF (llama.cpp) converted to Lark
+    except (ValueError, TypeError) as exc:
+        raise DecodeKitError(f"{name} is invalid: {_one_line(str(exc))}") from None
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.strip().splitlines()[:3] if line.strip())
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """One checked constraint: ``name`` (the keyword it came from) and the engine's grammar."""
+
+    name: str
+    grammar: str
+
+    @classmethod
+    def from_options(cls, **given) -> ConstraintSpec | None:
+        """The spec of generate's constraint keywords (None or False: not given); a bad one
+        raises a one-line ``DecodeKitError`` naming it, with the engine's message."""
+        given = {k: v for k, v in given.items() if v is not None and v is not False}
+        unknown = set(given) - set(CONSTRAINT_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown constraint options: {sorted(unknown)}")
+        if not given:
+            return None
+        if len(given) > 1:
+            raise DecodeKitError(f"give one constraint, not {' and '.join(sorted(given))}")
+        (name, value), = given.items()
+        if name == "json_object" and value is not True:
+            raise DecodeKitError(f"json_object must be True or False, got {value!r}")
+        if name in ("regex", "grammar") and (not isinstance(value, str) or not value):
+            raise DecodeKitError(f"{name} must be a non-empty string, got {value!r}")
+        grammar = _grammar_text(name, value)
+        error = _engine().LLMatcher.validate_grammar(grammar)
+        if error:
+            raise DecodeKitError(f"{name} is invalid: {_one_line(error)}")
+        return cls(name, grammar)
+
+
+def pop_constraint(options: dict) -> ConstraintSpec | None:
+    """Remove the constraint keywords from ``options`` and return their checked spec."""
+    return ConstraintSpec.from_options(**{k: options.pop(k) for k in CONSTRAINT_OPTIONS if k in options})
+
+
+_TOKENIZERS: dict = {}  # (id(tokenizer), vocab) -> (tokenizer, LLTokenizer): ~0.3 s to build
+
+
+def _ll_tokenizer(tokenizer, vocab: int):
+    key = (id(tokenizer), vocab)
+    if key not in _TOKENIZERS:
+        import llguidance.hf
+
+        try:
+            _TOKENIZERS[key] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab))
+        except ValueError as exc:
+            raise DecodeKitError(f"structured output needs a fast (Rust) Hugging Face tokenizer: {exc}") from None
+    return _TOKENIZERS[key][1]
+
+
+class _Row:
+    """One row's matcher and the generated tokens it has consumed."""
+
+    __slots__ = ("matcher", "tokens", "ok")
+
+    def __init__(self, matcher, tokens: list[int]):
+        self.matcher, self.tokens, self.ok = matcher, tokens, True
+
+    def copy(self) -> _Row:
+        return _Row(self.matcher.deep_copy(), list(self.tokens))
+
+    def sync(self, generated: list[int]) -> None:
+        """Roll back to the common prefix with ``generated``, then consume the rest. ``ok`` is
+        False when a token is not allowed (an unconstrained draft): later positions are moot."""
+        common = _common_prefix(self.tokens, generated)
+        if common < len(self.tokens):
+            self.matcher.rollback(len(self.tokens) - common)
+            del self.tokens[common:]
+        rest = generated[common:]
+        taken = self.matcher.try_consume_tokens(rest) if rest else 0
+        self.tokens += rest[:taken]
+        self.ok = taken == len(rest) and not self.matcher.is_error()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
+class GrammarConstraint(HistoryProcessor):
+    """Mask what ``spec`` forbids at each row's next position (see the module docstring).
+
+    ``mask_seconds`` adds up the time spent computing masks."""
+
+    def __init__(self, spec: ConstraintSpec, tokenizer, eos_token_id, vocab_size: int):
+        if tokenizer is None:
+            raise DecodeKitError(f"{spec.name} needs tokenizer=... (the grammar is matched on token text)")
+        self.spec = spec
+        self.eos = torch.tensor(sorted(set(eos_token_id or [])), dtype=torch.long)
+        self.vocab = int(vocab_size)
+        self._root = _engine().LLMatcher(_ll_tokenizer(tokenizer, self.vocab), spec.grammar, log_level=0)
+        if self._root.is_error():
+            raise DecodeKitError(f"{spec.name} is invalid: {_one_line(self._root.get_error())}")
+        self._rows: list[_Row] = []
+        self.mask_seconds = 0.0
+
+    def __repr__(self) -> str:
+        return f"GrammarConstraint({self.spec.name})"
+
+    def fresh_matcher(self):
+        return self._root.deep_copy()
+
+    def __call__(self, input_ids, logits, prompt_lengths=None, pad_lengths=None):
+        if prompt_lengths is None:
+            raise DecodeKitError(f"{self.spec.name} needs the prompt lengths (prompt_lengths)")
+        start = time.perf_counter()
+        bsz = logits.shape[0]
+        starts = prompt_lengths.tolist() if isinstance(prompt_lengths, Tensor) else [int(prompt_lengths)] * bsz
+        history = input_ids.tolist()
+        rows = self._claim([history[b][starts[b]:] for b in range(bsz)])
+        allowed = self._allowed(rows, logits.shape[-1])  # [B, V]
+        self._rows = rows
+        self.mask_seconds += time.perf_counter() - start
+        return logits.masked_fill(~allowed.to(logits.device), -float("inf"))
+
+    def _claim(self, generated: list[list[int]]) -> list[_Row]:
+        """Each row's matcher, synced with its generated tokens: the same row's last matcher
+        when it extends it, else the closest one (copied if another row took it already)."""
+        old, taken, rows = self._rows, set(), []
+        for b, tokens in enumerate(generated):
+            pick = b if b < len(old) and old[b].tokens == tokens[: len(old[b].tokens)] else None
+            if pick is None or pick in taken:
+                pick = max(range(len(old)), key=lambda i: _common_prefix(old[i].tokens, tokens), default=None)
+            if pick is None:
+                row = _Row(self.fresh_matcher(), [])
+            elif pick in taken:
+                row = old[pick].copy()
+            else:
+                row = old[pick]
+                taken.add(pick)
+            row.sync(tokens)
+            rows.append(row)
+        return rows
+
+    def _allowed(self, rows: list[_Row], vocab: int) -> Tensor:
+        """``[B, V]`` bool: the tokens each row may take next (every token for a row whose
+        history the grammar already refused: that position is never used)."""
+        words = (vocab + 31) // 32
+        bits = torch.full((len(rows), words), -1, dtype=torch.int32)  # [B, W] all allowed
+        for b, row in enumerate(rows):
+            if row.ok:
+                mask = torch.frombuffer(bytearray(row.matcher.compute_bitmask()), dtype=torch.int32)
+                bits[b, : min(words, mask.numel())] = mask[:words]
+                bits[b, mask.numel():] = 0
+        shifts = torch.arange(32, dtype=torch.int32)  # [32]
+        allowed = ((bits[:, :, None] >> shifts) & 1).bool().reshape(len(rows), -1)[:, :vocab]  # [B, V]
+        eos = self.eos[self.eos < vocab]
+        if eos.numel():
+            done = torch.tensor([(not r.ok) or r.matcher.is_accepting() for r in rows])  # [B]
+            allowed[:, eos] = done[:, None]
+        return allowed
+
+
+def forced_tokens(spec: ConstraintSpec, tokenizer, vocab: int, tokens: list[int]) -> int:
+    """How many of ``tokens`` the grammar forced (the only token it allowed there)."""
+    matcher = _engine().LLMatcher(_ll_tokenizer(tokenizer, vocab), spec.grammar, log_level=0)
+    count = 0
+    for token in tokens:
+        if len(matcher.compute_ff_tokens()) > 0:
+            count += 1
+        if not matcher.consume_token(token):
+            break
+    return count
