@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,9 @@ def _grammar_text(name: str, value) -> str:
 
 
 def _one_line(message: str) -> str:
-    return " ".join(line.strip() for line in message.strip().splitlines()[:3] if line.strip())
+    """The engine's message on one line, without its caret and source-echo lines."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    return " ".join(ln for ln in lines if ln and set(ln) != {"^"} and not re.match(r"^\d+ \|", ln))
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,10 @@ def _ll_tokenizer(tokenizer, vocab: int):
         except ValueError as exc:
             raise DecodeKitError(f"structured output needs a fast (Rust) Hugging Face tokenizer: {exc}") from None
     return _TOKENIZERS[key][1]
+
+
+# bit j of byte value v, [256, 8]: unpacks llguidance's little-endian 32-bit mask words
+_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
 
 
 class _Row:
@@ -243,8 +250,7 @@ class GrammarConstraint(HistoryProcessor):
                 mask = torch.frombuffer(bytearray(row.matcher.compute_bitmask()), dtype=torch.int32)
                 bits[b, : min(words, mask.numel())] = mask[:words]
                 bits[b, mask.numel():] = 0
-        shifts = torch.arange(32, dtype=torch.int32)  # [32]
-        allowed = ((bits[:, :, None] >> shifts) & 1).bool().reshape(len(rows), -1)[:, :vocab]  # [B, V]
+        allowed = _BYTE_BITS[bits.view(torch.uint8).long()].reshape(len(rows), -1)[:, :vocab]  # [B, V]
         eos = self.eos[self.eos < vocab]
         if eos.numel():
             done = torch.tensor([(not r.ok) or r.matcher.is_accepting() for r in rows])  # [B]
