@@ -223,6 +223,8 @@ def test_generate_refuses_what_it_cannot_constrain(tiny):
         generate(model, [[5, 6]], json_schema=SCHEMAS[0])
     with pytest.raises(DecodeKitError, match="'eis' does not take regex"):
         generate(model, [[5, 6]], strategy="eis", tokenizer=tok, regex="a")
+    with pytest.raises(DecodeKitError, match="'refine' does not take choices"):
+        generate(model, [[5, 6]], strategy="refine", tokenizer=tok, choices=["a"])
     with pytest.raises(DecodeKitError, match="regex is invalid"):
         generate(model, [[5, 6]], tokenizer=tok, regex="(")
 
@@ -253,3 +255,38 @@ def test_bundled_model_outputs_validate_and_prompt_lookup_is_exact(real_model, i
     lookup = generate(model, ids, mask, strategy="prompt_lookup", draft_policy="fixed", max_new_tokens=64,
                       tokenizer=tok, json_schema=schema)
     assert lookup.sequences == greedy.sequences
+
+
+# ---------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("argv,match", [
+    (["--regex", "a("], "regex is invalid"),
+    (["--json_schema", "{\"type\": 3}"], "json_schema is invalid"),
+    (["--choices", "a", "--regex", "b"], "give one constraint"),
+    (["--strategy", "eis", "--json_object"], "'eis' does not take --json_object"),
+])
+def test_cli_bad_constraint_exits_2_before_the_model_loads(capsys, monkeypatch, argv, match):
+    import decodekit.models
+    from decodekit.cli import main
+
+    monkeypatch.setattr(decodekit.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["generate", "--prompt", "hi", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_cli_json_schema_file_and_choices(tiny_model_dir, tmp_path, capsys):
+    from decodekit.cli import main
+
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMAS[0]))
+    prompts, out = tmp_path / "p.txt", tmp_path / "out.jsonl"
+    prompts.write_text("A person:\nAnother one:\n")
+    base = ["generate", "--model_path", str(tiny_model_dir), "--prompts_file", str(prompts), "--device", "cpu",
+            "--max_new_tokens", "60", "--no_chat_template"]
+    assert main([*base, "--json_schema", str(schema_file), "--output_file", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2
+    for record in records:
+        jsonschema.validate(json.loads(record["response"]), SCHEMAS[0])
+    assert main([*base, "--choices", "yes", "--choices", "no", "--output_file", str(out), "--overwrite"]) == 0
+    assert {json.loads(line)["response"] for line in out.read_text().splitlines()} <= {"yes", "no"}

@@ -15,7 +15,7 @@
 * Structured output (needs ``tokenizer``), one of: ``json_schema`` (a dict or JSON text),
   ``json_object=True``, ``regex``, ``grammar`` (Lark or GBNF text) or ``choices`` (strings):
   a ``decodekit.constraints.GrammarConstraint`` masks what it forbids, exact under every
-  strategy but EIS (refused).
+  strategy but EIS and refine (refused).
 * ``logprobs=N`` (0..20): each generated token's log-probability under the final processed
   distribution (under speculation, the target's, never the drafter's) and the ``N`` most
   likely alternatives, in ``output.logprobs``.
@@ -200,8 +200,9 @@ def _add_constraint(strategy: Strategy, processor: LogitsPipeline, spec: Constra
     penalties, temperature and filters, so it is part of the target distribution."""
     if spec is None:
         return
-    if strategy.sampling == "own":
-        raise DecodeKitError(f"strategy {strategy.name!r} does not take {spec.name} (its rollouts are unconstrained)")
+    if not strategy.constrained:
+        raise DecodeKitError(f"strategy {strategy.name!r} does not take {spec.name}: it does not decode "
+                             "token by token (use greedy, sample, beam or a drafting strategy)")
     processor.processors.insert(0, GrammarConstraint(spec, tokenizer, eos_ids, vocab))
 
 

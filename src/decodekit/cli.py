@@ -232,7 +232,9 @@ def _constraint_options(args) -> dict:
     from decodekit.constraints import CONSTRAINT_OPTIONS, ConstraintSpec
 
     given = {k: getattr(args, k) for k in CONSTRAINT_OPTIONS if getattr(args, k, None) is not None}
-    ConstraintSpec.from_options(**given)
+    spec = ConstraintSpec.from_options(**given)
+    if spec is not None and not _strategy(args).constrained:
+        raise DecodeKitError(f"strategy {args.strategy!r} does not take --{spec.name}")
     return given
 
 
