@@ -102,6 +102,16 @@ def test_length_finish_when_the_grammar_cannot_finish(tiny):
     assert all(len(s) == 5 for s in out.sequences)
 
 
+def test_stats_report_mask_time_and_forced_tokens(tiny):
+    model, tok = tiny
+    out = _run(model, tok, _rows(tok, PROMPTS[:2]), json_schema=SCHEMAS[0])
+    for stats in out.stats:
+        d = stats.to_dict()
+        assert d["mask_seconds"] > 0 and d["forced_tokens"] >= 3  # '{"', 'name', '":' at least
+        assert d["forced_tokens"] < d["new_tokens"]
+    assert "forced_tokens" not in _run(model, tok, _rows(tok, PROMPTS[:1]), n=3).stats[0].to_dict()
+
+
 # ---------------------------------------------------------------------------- lossless
 LOSSLESS = {
     "prompt_lookup": dict(strategy="prompt_lookup", draft_policy="fixed"),

@@ -34,6 +34,8 @@ def test_response_format_json_schema_streamed_and_not(client, real_model):
     text = reply.choices[0].message.content
     assert text == expected and reply.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(text), PERSON)
+    stats = reply.model_extra["decoding_stats"]
+    assert stats["forced_tokens"] >= 3 and stats["mask_seconds"] > 0
     stream = chat(client, prompt, max_tokens=40, response_format=_schema_format(PERSON), stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from decodekit.cache import left_pad
-from decodekit.constraints import ConstraintSpec, GrammarConstraint, pop_constraint
+from decodekit.constraints import ConstraintSpec, GrammarConstraint, constraint_stats, pop_constraint
 from decodekit.model_info import context_length, default_eos_pad, pad_id, vocab_size
 from decodekit.outputs import GenerationOutput, RowTracker
 from decodekit.processors import (
@@ -276,9 +276,11 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return chosen.decode(request, opts)
+        out = chosen.decode(request, opts)
     finally:
         model.train(was_training)
+    constraint_stats(request.processor, out.sequences, out.stats)
+    return out
 
 
 _GENERATE_SIGNATURE = inspect.signature(generate)

@@ -33,6 +33,8 @@ class RequestStats:
     drafter_forwards: int = 0
     accept_lengths: list[int] = field(default_factory=list)  # accepted drafts per verify step
     draft_lengths: list[int] = field(default_factory=list)  # drafts proposed per verify step
+    mask_seconds: float = 0.0  # structured output: time computing the grammar's token masks
+    forced_tokens: int = 0  # structured output: tokens the grammar forced (the one it allowed)
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,6 +89,11 @@ class RequestStats:
             for key in ("drafted", "accepted", "drafter_forwards"):
                 d.pop(key)
         d["tokens_per_forward"] = round(self.tokens_per_forward, 4)
+        if self.mask_seconds or self.forced_tokens:
+            d["mask_seconds"] = round(self.mask_seconds, 4)
+        else:
+            d.pop("mask_seconds")
+            d.pop("forced_tokens")
         return d
 
 
