@@ -11,7 +11,10 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from test_serve_app import MODEL, chat, client, offline, server  # noqa: E402,F401  (fixtures)
+import test_serve_app  # noqa: E402
+from test_serve_app import chat, offline  # noqa: E402
+
+server, client = test_serve_app.server, test_serve_app.client  # the module's fixtures: one server
 
 pytestmark = pytest.mark.slow
 

@@ -35,7 +35,12 @@ import torch
 from torch import Tensor
 
 from decodekit.cache import left_pad
-from decodekit.constraints import ConstraintSpec, GrammarConstraint, constraint_stats, pop_constraint
+from decodekit.constraints import (
+    ConstraintSpec,
+    GrammarConstraint,
+    constraint_stats,
+    pop_constraint,
+)
 from decodekit.model_info import context_length, default_eos_pad, pad_id, vocab_size
 from decodekit.outputs import GenerationOutput, RowTracker
 from decodekit.processors import (

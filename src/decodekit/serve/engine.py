@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 
 from decodekit.api import build_request, generate
-from decodekit.constraints import constraint_stats
 from decodekit.cache import left_pad
+from decodekit.constraints import constraint_stats
 from decodekit.model_info import vocab_size
 from decodekit.ngram_storage import NGramStorage
 from decodekit.outputs import RowTracker, logprob_entries
