@@ -240,12 +240,16 @@ def test_generate_refuses_what_it_cannot_constrain(tiny):
 
 
 # ---------------------------------------------------------------------------- bundled model
-REAL_SCHEMAS = [
-    {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
-     "required": ["name", "age"]},
-    {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "number", "minimum": 0},
-                                      "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
-     "required": ["city", "population"]},
+REAL_SCHEMAS = [  # closed objects: an open one lets the model add properties until the length limit
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                      "population": {"type": "number", "minimum": 0},
+                                      "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                                      "tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                               "maxItems": 3}},
+     "required": ["city", "code"], "additionalProperties": False},
 ]
 
 
@@ -257,12 +261,12 @@ def test_bundled_model_outputs_validate_and_prompt_lookup_is_exact(real_model, i
     model, tok = real_model
     schema = REAL_SCHEMAS[index]
     ids, mask = chat_batch(tok, [p + " Answer in JSON." for p in CHAT_PROMPTS[:4]])
-    greedy = generate(model, ids, mask, max_new_tokens=64, tokenizer=tok, json_schema=schema)
+    greedy = generate(model, ids, mask, max_new_tokens=80, tokenizer=tok, json_schema=schema)
     _validate(greedy, tok, schema)
-    sampled = generate(model, ids, mask, strategy="sample", temperature=0.7, seed=0, max_new_tokens=64,
+    sampled = generate(model, ids, mask, strategy="sample", temperature=0.7, seed=0, max_new_tokens=80,
                        tokenizer=tok, json_schema=schema)
     _validate(sampled, tok, schema)
-    lookup = generate(model, ids, mask, strategy="prompt_lookup", draft_policy="fixed", max_new_tokens=64,
+    lookup = generate(model, ids, mask, strategy="prompt_lookup", draft_policy="fixed", max_new_tokens=80,
                       tokenizer=tok, json_schema=schema)
     assert lookup.sequences == greedy.sequences
 
