@@ -22,15 +22,16 @@ PROMPT = ("Extract the person as JSON with name, age, email and skills. Text: Ma
           "maria.lopez@example.com, knows Python, SQL and Rust.")
 
 
-def run(model, tok, ids, mask, repeats: int, **kw) -> tuple[float, int, float, int]:
-    """Best seconds per token, tokens, mask seconds and forced tokens of one setting."""
+def run(model, tok, ids, mask, repeats: int, **kw) -> tuple[float, int, float, int, int]:
+    """Best seconds per token, tokens, mask seconds, forced tokens and forwards of one setting."""
     best = None
     for _ in range(repeats):
         start = time.perf_counter()
         out = decodekit.generate(model, ids, mask, max_new_tokens=64, tokenizer=tok, **kw)
         per_token = (time.perf_counter() - start) / out.stats[0].new_tokens
         if best is None or per_token < best[0]:
-            best = (per_token, out.stats[0].new_tokens, out.stats[0].mask_seconds, out.stats[0].forced_tokens)
+            stat = out.stats[0]
+            best = (per_token, stat.new_tokens, stat.mask_seconds, stat.forced_tokens, stat.forward_passes)
     return best
 
 
@@ -42,14 +43,17 @@ def main() -> None:
     model, tok = decodekit.load_model(dtype=args.dtype)
     ids, mask = (decodekit.encode_prompts(tok, [PROMPT], use_chat_template=True), None)
     settings = {"greedy": {}, "greedy + schema": {"json_schema": SCHEMA},
-                "prompt_lookup + schema": {"json_schema": SCHEMA, "strategy": "prompt_lookup"}}
+                "prompt_lookup + schema": {"json_schema": SCHEMA, "strategy": "prompt_lookup"},
+                "prompt_lookup fixed + schema": {"json_schema": SCHEMA, "strategy": "prompt_lookup",
+                                                 "draft_policy": "fixed"}}
     base = None
-    print(f"{'setting':24} {'ms/token':>8} {'vs greedy':>9} {'tokens':>6} {'mask ms':>7} {'forced':>6}")
+    print(f"{'setting':28} {'ms/token':>8} {'vs greedy':>9} {'tokens':>6} {'forwards':>8} {'mask ms':>7} {'forced':>6}")
     with torch.inference_mode():
         for name, kw in settings.items():
-            per_token, tokens, mask_s, forced = run(model, tok, ids, mask, args.repeats, **kw)
+            per_token, tokens, mask_s, forced, forwards = run(model, tok, ids, mask, args.repeats, **kw)
             base = base or per_token
-            print(f"{name:24} {per_token * 1e3:8.1f} {per_token / base:9.3f} {tokens:6d} {mask_s * 1e3:7.1f} {forced:6d}")
+            print(f"{name:28} {per_token * 1e3:8.1f} {per_token / base:9.3f} {tokens:6d} {forwards:8d} "
+                  f"{mask_s * 1e3:7.1f} {forced:6d}")
 
 
 if __name__ == "__main__":

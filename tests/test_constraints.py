@@ -131,6 +131,21 @@ def test_lossless_strategies_equal_constrained_greedy(tiny, name):
         assert _run(model, tok, rows, json_schema=schema, **LOSSLESS[name]).sequences == want, name
 
 
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+def test_prompt_lookup_drafts_the_forced_tokens(tiny, policy):
+    """Tokens the schema allows alone are drafted and always accepted: fewer forwards, same output."""
+    model, tok = tiny
+    rows = _rows(tok, PROMPTS)
+    greedy = _run(model, tok, rows, json_schema=SCHEMAS[8])
+    lookup = _run(model, tok, rows, json_schema=SCHEMAS[8], strategy="prompt_lookup", draft_policy=policy)
+    assert lookup.sequences == greedy.sequences
+    for fast, slow in zip(lookup.stats, greedy.stats):
+        assert fast.forward_passes < slow.forward_passes and fast.accepted >= fast.forced_tokens // 2
+    sampled = _run(model, tok, rows, json_schema=SCHEMAS[8], strategy="prompt_lookup", draft_policy=policy,
+                   temperature=1.0, seed=5)
+    _validate(sampled, tok, SCHEMAS[8])
+
+
 @pytest.mark.parametrize("name", ["prompt_lookup", "ngram", "speculative"])
 def test_mixed_rows_constrained_and_free_in_one_batch(tiny, name):
     """Rows with a schema, a regex and none side by side, each row its own processor, as a

@@ -179,6 +179,27 @@ class _Row:
         self.ok = taken == len(rest) and not self.matcher.is_error()
 
 
+def _claim(old: list[_Row], generated: list[list[int]], fresh) -> list[_Row]:
+    """Each row's matcher, synced with its generated tokens: the same row's earlier matcher
+    when it extends it, else the closest one (copied if another row took it already), else
+    ``fresh()``."""
+    taken, rows = set(), []
+    for b, tokens in enumerate(generated):
+        pick = b if b < len(old) and old[b].tokens == tokens[: len(old[b].tokens)] else None
+        if pick is None or pick in taken:
+            pick = max(range(len(old)), key=lambda i: _common_prefix(old[i].tokens, tokens), default=None)
+        if pick is None:
+            row = _Row(fresh(), [])
+        elif pick in taken:
+            row = old[pick].copy()
+        else:
+            row = old[pick]
+            taken.add(pick)
+        row.sync(tokens)
+        rows.append(row)
+    return rows
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
@@ -200,7 +221,8 @@ class GrammarConstraint(HistoryProcessor):
         self._root = _engine().LLMatcher(_ll_tokenizer(tokenizer, self.vocab), spec.grammar, log_level=0)
         if self._root.is_error():
             raise DecodeKitError(f"{spec.name} is invalid: {_one_line(self._root.get_error())}")
-        self._rows: list[_Row] = []
+        self._rows: list[_Row] = []  # the rows of the last call (the pipeline's)
+        self._draft_rows: list[_Row] = []  # the rows of the last ``forced`` call (a drafter's)
         self.mask_seconds = 0.0
 
     def __repr__(self) -> str:
@@ -216,30 +238,28 @@ class GrammarConstraint(HistoryProcessor):
         bsz = logits.shape[0]
         starts = prompt_lengths.tolist() if isinstance(prompt_lengths, Tensor) else [int(prompt_lengths)] * bsz
         history = input_ids.tolist()
-        rows = self._claim([history[b][starts[b]:] for b in range(bsz)])
+        rows = _claim(self._rows, [history[b][starts[b]:] for b in range(bsz)], self.fresh_matcher)
         allowed = self._allowed(rows, logits.shape[-1])  # [B, V]
         self._rows = rows
         self.mask_seconds += time.perf_counter() - start
         return logits.masked_fill(~allowed.to(logits.device), -float("inf"))
 
-    def _claim(self, generated: list[list[int]]) -> list[_Row]:
-        """Each row's matcher, synced with its generated tokens: the same row's last matcher
-        when it extends it, else the closest one (copied if another row took it already)."""
-        old, taken, rows = self._rows, set(), []
-        for b, tokens in enumerate(generated):
-            pick = b if b < len(old) and old[b].tokens == tokens[: len(old[b].tokens)] else None
-            if pick is None or pick in taken:
-                pick = max(range(len(old)), key=lambda i: _common_prefix(old[i].tokens, tokens), default=None)
-            if pick is None:
-                row = _Row(self.fresh_matcher(), [])
-            elif pick in taken:
-                row = old[pick].copy()
-            else:
-                row = old[pick]
-                taken.add(pick)
-            row.sync(tokens)
-            rows.append(row)
-        return rows
+    def forced(self, generated: list[list[int]], k: int) -> list[list[int]]:
+        """Per row (its generated tokens): the next up to ``k`` tokens the grammar forces, one
+        allowed token at a time, EOS excluded (drafts the masked target always accepts)."""
+        self._draft_rows = _claim(self._draft_rows, generated, self.fresh_matcher)
+        eos = set(self.eos.tolist())
+        out = []
+        for row in self._draft_rows:
+            tokens = []
+            while row.ok and len(tokens) < k:
+                bits = int.from_bytes(row.matcher.compute_bitmask(), "little")
+                if bits.bit_count() != 1 or bits.bit_length() - 1 in eos:
+                    break
+                tokens.append(bits.bit_length() - 1)
+                row.sync(row.tokens + tokens[-1:])
+            out.append(tokens)
+        return out
 
     def _allowed(self, rows: list[_Row], vocab: int) -> Tensor:
         """``[B, V]`` bool: the tokens each row may take next (every token for a row whose
