@@ -319,3 +319,11 @@ def test_cli_json_schema_file_and_choices(tiny_model_dir, tmp_path, capsys):
         jsonschema.validate(json.loads(record["response"]), SCHEMAS[0])
     assert main([*base, "--choices", "yes", "--choices", "no", "--output_file", str(out), "--overwrite"]) == 0
     assert {json.loads(line)["response"] for line in out.read_text().splitlines()} <= {"yes", "no"}
+
+
+def test_logprobs_leave_out_what_the_constraint_forbids(tiny):
+    model, tok = tiny
+    out = _run(model, tok, _rows(tok, PROMPTS[:1]), logprobs=5, choices=["yes", "no"])
+    for entry in out.logprobs[0]:
+        assert 1 <= len(entry["top_logprobs"]) <= 5
+        assert all(alt["logprob"] > -float("inf") for alt in entry["top_logprobs"])
