@@ -327,3 +327,26 @@ def test_logprobs_leave_out_what_the_constraint_forbids(tiny):
     for entry in out.logprobs[0]:
         assert 1 <= len(entry["top_logprobs"]) <= 5
         assert all(alt["logprob"] > -float("inf") for alt in entry["top_logprobs"])
+
+
+def test_cli_prompts_file_with_a_schema_per_prompt(tiny_model_dir, tmp_path, capsys):
+    from decodekit.cli import main
+
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    entries = [{"prompt": "A person:", "json_schema": SCHEMAS[0]}, {"prompt": "Colour?"},
+               {"prompt": "Another person:", "json_schema": SCHEMAS[0]}, {"prompt": "Ok?", "json_schema": SCHEMAS[4]}]
+    prompts.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    argv = ["generate", "--model_path", str(tiny_model_dir), "--prompts_file", str(prompts), "--device", "cpu",
+            "--max_new_tokens", "60", "--no_chat_template", "--choices", "red", "--choices", "blue",
+            "--output_file", str(out)]
+    assert main(argv) == 0
+    records = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["index"])
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    for record, entry in zip(records, entries):
+        if "json_schema" in entry:
+            jsonschema.validate(json.loads(record["response"]), entry["json_schema"])
+        else:
+            assert record["response"] in ("red", "blue")  # the command line's constraint
+    prompts.write_text(json.dumps({"prompt": "x", "json_schema": {"type": "strin"}}) + "\n")
+    assert main(argv + ["--overwrite"]) == 2
+    assert "prompts_file prompt 0: json_schema is invalid" in capsys.readouterr().err

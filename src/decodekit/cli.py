@@ -229,12 +229,17 @@ def add_constraint_flags(p) -> None:
 
 def _constraint_options(args) -> dict:
     """The constraint flags given, checked (bad ones name the flag) before any model loads."""
-    from decodekit.constraints import CONSTRAINT_OPTIONS, ConstraintSpec
+    from decodekit.constraints import CONSTRAINT_OPTIONS, ConstraintSpec, load_prompt_schemas
 
     given = {k: getattr(args, k) for k in CONSTRAINT_OPTIONS if getattr(args, k, None) is not None}
     spec = ConstraintSpec.from_options(**given)
     if spec is not None and not _strategy(args).constrained:
         raise DecodeKitError(f"strategy {args.strategy!r} does not take --{spec.name}")
+    if load_prompt_schemas(args.prompts_file) is not None:
+        if not _strategy(args).constrained:
+            raise DecodeKitError(f"strategy {args.strategy!r} does not take the prompts' json_schema")
+        if getattr(args, "engine", None) not in (None, "local"):
+            raise DecodeKitError("per-prompt json_schema runs with --engine local only")
     return given
 
 

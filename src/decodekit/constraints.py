@@ -34,7 +34,7 @@ from decodekit.processors import HistoryProcessor
 from decodekit.validation import DecodeKitError
 
 __all__ = ["CONSTRAINT_OPTIONS", "ConstraintSpec", "GrammarConstraint", "pop_constraint", "forced_tokens",
-           "constraint_stats"]
+           "constraint_stats", "load_prompt_schemas"]
 
 # generate()'s constraint keywords; at most one may be given.
 CONSTRAINT_OPTIONS = ("json_schema", "json_object", "regex", "grammar", "choices")
@@ -289,6 +289,29 @@ def forced_tokens(spec: ConstraintSpec, tokenizer, vocab: int, tokens: list[int]
         if not matcher.consume_token(token):
             break
     return count
+
+
+def load_prompt_schemas(prompts_file: str | None) -> list | None:
+    """Per prompt of a .json / .jsonl prompts file, its object's ``"json_schema"`` (None where it
+    has none); None when no prompt has one. Each is checked (a bad one names its prompt)."""
+    if not prompts_file or Path(prompts_file).suffix.lower() not in (".json", ".jsonl"):
+        return None
+    try:
+        text = Path(prompts_file).read_text(encoding="utf-8")
+        if prompts_file.lower().endswith(".jsonl"):
+            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            entries = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # load_prompts names the file or the bad line
+    schemas = [e.get("json_schema") if isinstance(e, dict) else None for e in entries]
+    for i, schema in enumerate(schemas):
+        if schema is not None:
+            try:
+                ConstraintSpec.from_options(json_schema=schema)
+            except DecodeKitError as exc:
+                raise DecodeKitError(f"prompts_file prompt {i}: {exc}") from None
+    return schemas if any(s is not None for s in schemas) else None
 
 
 def constraint_stats(processor, sequences: list[list[int]], stats: list) -> None:
