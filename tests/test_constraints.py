@@ -270,7 +270,7 @@ REAL_SCHEMAS = [  # closed objects: an open one lets the model add properties un
 
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(REAL_SCHEMAS)))
-def test_bundled_model_outputs_validate_and_prompt_lookup_is_exact(real_model, index):
+def test_bundled_model_outputs_validate_and_drafting_is_exact(real_model, index):
     from conftest import CHAT_PROMPTS, chat_batch
 
     model, tok = real_model
@@ -281,9 +281,12 @@ def test_bundled_model_outputs_validate_and_prompt_lookup_is_exact(real_model, i
     sampled = generate(model, ids, mask, strategy="sample", temperature=0.7, seed=0, max_new_tokens=80,
                        tokenizer=tok, json_schema=schema)
     _validate(sampled, tok, schema)
-    lookup = generate(model, ids, mask, strategy="prompt_lookup", draft_policy="fixed", max_new_tokens=80,
-                      tokenizer=tok, json_schema=schema)
-    assert lookup.sequences == greedy.sequences
+    drafters = [[dict(strategy="prompt_lookup"), dict(strategy="speculative", drafter="eagle", gamma=3)],
+                [dict(strategy="speculative", drafter="eagle+prompt_lookup", gamma=3)]][index]
+    for drafting in drafters:
+        out = generate(model, ids, mask, draft_policy="fixed", max_new_tokens=80, tokenizer=tok, json_schema=schema,
+                       **drafting)
+        assert out.sequences == greedy.sequences, drafting
 
 
 # ---------------------------------------------------------------------------- CLI
