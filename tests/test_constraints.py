@@ -229,6 +229,7 @@ def test_beam_equals_transformers_beam_search_under_the_same_mask(tiny):
     (dict(json_schema="{not json"), "json_schema is not valid JSON"),
     (dict(json_schema={"type": "strin"}), "json_schema is invalid: .*strin"),
     (dict(json_schema={"$ref": "#/nowhere"}), "json_schema is invalid"),
+    (dict(json_schema={"type": "array", "uniqueItems": True}), "json_schema is invalid: .*uniqueItems"),
     (dict(regex="a(b"), "regex is invalid: .*unclosed group"),
     (dict(grammar="start: foo"), "grammar is invalid: .*foo"),
     (dict(choices=[]), "choices must be a non-empty list"),
@@ -252,6 +253,9 @@ def test_generate_refuses_what_it_cannot_constrain(tiny):
         generate(model, [[5, 6]], strategy="refine", tokenizer=tok, choices=["a"])
     with pytest.raises(DecodeKitError, match="regex is invalid"):
         generate(model, [[5, 6]], tokenizer=tok, regex="(")
+    for knob in (dict(min_new_tokens=3), dict(ignore_eos=True)):
+        with pytest.raises(DecodeKitError, match=f"{next(iter(knob))} cannot be combined with choices"):
+            generate(model, [[5, 6]], tokenizer=tok, choices=["a"], **knob)
 
 
 # ---------------------------------------------------------------------------- bundled model
@@ -295,6 +299,7 @@ def test_bundled_model_outputs_validate_and_drafting_is_exact(real_model, index)
     (["--json_schema", "{\"type\": 3}"], "json_schema is invalid"),
     (["--choices", "a", "--regex", "b"], "give one constraint"),
     (["--strategy", "eis", "--json_object"], "'eis' does not take --json_object"),
+    (["--json_object", "--min_new_tokens", "4"], "--min_new_tokens cannot be combined with --json_object"),
 ])
 def test_cli_bad_constraint_exits_2_before_the_model_loads(capsys, monkeypatch, argv, match):
     import decodekit.models

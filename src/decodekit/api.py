@@ -200,11 +200,15 @@ def _make_processor(strategy: Strategy, logits_processor, knobs: dict, eos_ids: 
 
 
 def _add_constraint(strategy: Strategy, processor: LogitsPipeline, spec: ConstraintSpec | None,
-                    tokenizer, eos_ids: list[int], vocab: int | None) -> None:
+                    knobs: dict, tokenizer, eos_ids: list[int], vocab: int | None) -> None:
     """The constraint goes first in the pipeline: what it forbids stays -inf through the
     penalties, temperature and filters, so it is part of the target distribution."""
     if spec is None:
         return
+    for knob in ("min_new_tokens", "ignore_eos"):
+        if knobs.get(knob):  # where the grammar is complete, EOS is the only token left
+            raise DecodeKitError(f"{knob} cannot be combined with {spec.name}: the grammar decides where "
+                                 "the output ends")
     if not strategy.constrained:
         raise DecodeKitError(f"strategy {strategy.name!r} does not take {spec.name}: it does not decode "
                              "token by token (use greedy, sample, beam or a drafting strategy)")
@@ -324,7 +328,7 @@ def _build_request(a: SimpleNamespace) -> tuple[Strategy, object, DecodeRequest]
     ids, mask, eos_ids, pad_token_id = _inputs(model, a.input_ids, a.attention_mask, a.eos_token_id,
                                                 a.pad_token_id, a.max_new_tokens)
     processor = _make_processor(chosen, a.logits_processor, knobs, eos_ids, vocab_size(model))
-    _add_constraint(chosen, processor, spec, a.tokenizer, eos_ids, vocab_size(model))
+    _add_constraint(chosen, processor, spec, knobs, a.tokenizer, eos_ids, vocab_size(model))
     ids, mask, shared = _share_prompts(ids, mask, opts.samples_per_prompt, processor)
     stop_strings = check_stop_strings(a.stop_strings)
     if stop_strings and a.tokenizer is None:

@@ -235,6 +235,10 @@ def _constraint_options(args) -> dict:
     spec = ConstraintSpec.from_options(**given)
     if spec is not None and not _strategy(args).constrained:
         raise DecodeKitError(f"strategy {args.strategy!r} does not take --{spec.name}")
+    for knob in ("min_new_tokens", "ignore_eos"):
+        if spec is not None and getattr(args, knob, None):
+            raise DecodeKitError(f"--{knob} cannot be combined with --{spec.name}: the grammar decides where "
+                                 "the output ends")
     if load_prompt_schemas(args.prompts_file) is not None:
         if not _strategy(args).constrained:
             raise DecodeKitError(f"strategy {args.strategy!r} does not take the prompts' json_schema")
