@@ -195,7 +195,7 @@ def test_constrained_speculative_sampling_has_constrained_samplings_law(tiny_mod
     law = _law(target, prompt, GrammarConstraint(spec, tok, [tok.eos_token_id], len(tok)), len(tok))
     n, seqs, drafted, accepted = 1500, [], 0, 0
     for chunk in range(3):
-        out = _run(target, tok, [prompt] * (n // 3), n=6, strategy="speculative", drafter=drafter, gamma=2,
+        out = _run(target, tok, [prompt] * (n // 3), n=3, strategy="speculative", drafter=drafter, gamma=2,
                    draft_policy="fixed", temperature=1.0, seed=chunk, regex=regex)
         seqs += [tuple(s) for s in out.sequences]
         drafted += sum(s.drafted for s in out.stats)

@@ -179,25 +179,38 @@ class _Row:
         self.ok = taken == len(rest) and not self.matcher.is_error()
 
 
+NEAR = 16  # tokens of rollback + replay under which an earlier row's matcher is taken at once
+
+
 def _claim(old: list[_Row], generated: list[list[int]], fresh) -> list[_Row]:
-    """Each row's matcher, synced with its generated tokens: the same row's earlier matcher
-    when it extends it, else the closest one (copied if another row took it already), else
-    ``fresh()``."""
-    taken, rows = set(), []
-    for b, tokens in enumerate(generated):
-        pick = b if b < len(old) and old[b].tokens == tokens[: len(old[b].tokens)] else None
-        if pick is None or pick in taken:
-            pick = max(range(len(old)), key=lambda i: _common_prefix(old[i].tokens, tokens), default=None)
+    """Each row's matcher, synced with its generated tokens. A matcher's state depends only on
+    its tokens, so any earlier row will do; the cost is the rollback and replay between them.
+    Rows keep their order when others leave, so the search goes forward from the last pick
+    (linear in the batch); a row with no near match takes the closest (copied if taken)."""
+    taken, rows, start = set(), [], 0
+    for tokens in generated:
+        pick = next((i for i in range(start, len(old))
+                     if i not in taken and _distance(old[i].tokens, tokens) <= NEAR), None)
+        if pick is None:
+            pick = min(range(len(old)), key=lambda i: _distance(old[i].tokens, tokens), default=None)
         if pick is None:
             row = _Row(fresh(), [])
         elif pick in taken:
             row = old[pick].copy()
         else:
-            row = old[pick]
+            row, start = old[pick], pick + 1
             taken.add(pick)
         row.sync(tokens)
         rows.append(row)
     return rows
+
+
+def _distance(a: list[int], b: list[int]) -> int:
+    """Tokens to roll back from ``a`` and replay to reach ``b``."""
+    if abs(len(a) - len(b)) > NEAR:
+        return abs(len(a) - len(b)) + 2 * min(len(a), len(b))  # far: no need to compare
+    common = _common_prefix(a, b)
+    return len(a) + len(b) - 2 * common
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
