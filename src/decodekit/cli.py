@@ -200,6 +200,8 @@ def build_generate_parser(sub) -> argparse.ArgumentParser:
              help="record each token's log-probability and this many alternatives (0..20) in "
                   "the results' \"logprobs\" field")
     add_flag(p, "stop_strings", action="append", default=None, help="stop when this text appears")
+    from decodekit.constraints import add_constraint_flags
+
     add_constraint_flags(p)
     chat = p.add_mutually_exclusive_group()
     add_flag(chat, "use_chat_template", action="store_const", const=True, default=None,
@@ -218,33 +220,11 @@ def build_generate_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def add_constraint_flags(p) -> None:
-    """Structured output: one of --json_schema, --json_object, --regex, --grammar, --choices."""
-    add_flag(p, "json_schema", default=None, help="JSON Schema the output must follow: a file or JSON text")
-    add_flag(p, "json_object", action="store_true", default=None, help="the output is one JSON object")
-    add_flag(p, "regex", default=None, help="regular expression the whole output must match")
-    add_flag(p, "grammar", default=None, help="Lark or GBNF grammar (a file or the text) the output follows")
-    add_flag(p, "choices", action="append", default=None, help="the output is one of these (repeat the flag)")
-
-
 def _constraint_options(args) -> dict:
     """The constraint flags given, checked (bad ones name the flag) before any model loads."""
-    from decodekit.constraints import CONSTRAINT_OPTIONS, ConstraintSpec, load_prompt_schemas
+    from decodekit.constraints import constraint_args
 
-    given = {k: getattr(args, k) for k in CONSTRAINT_OPTIONS if getattr(args, k, None) is not None}
-    spec = ConstraintSpec.from_options(**given)
-    if spec is not None and not _strategy(args).constrained:
-        raise DecodeKitError(f"strategy {args.strategy!r} does not take --{spec.name}")
-    for knob in ("min_new_tokens", "ignore_eos"):
-        if spec is not None and getattr(args, knob, None):
-            raise DecodeKitError(f"--{knob} cannot be combined with --{spec.name}: the grammar decides where "
-                                 "the output ends")
-    if load_prompt_schemas(args.prompts_file) is not None:
-        if not _strategy(args).constrained:
-            raise DecodeKitError(f"strategy {args.strategy!r} does not take the prompts' json_schema")
-        if getattr(args, "engine", None) not in (None, "local"):
-            raise DecodeKitError("per-prompt json_schema runs with --engine local only")
-    return given
+    return constraint_args(args, _strategy(args))
 
 
 def _strategy_options(args) -> dict:

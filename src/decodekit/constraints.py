@@ -34,7 +34,7 @@ from decodekit.processors import HistoryProcessor
 from decodekit.validation import DecodeKitError
 
 __all__ = ["CONSTRAINT_OPTIONS", "ConstraintSpec", "GrammarConstraint", "pop_constraint", "forced_tokens",
-           "constraint_stats", "load_prompt_schemas"]
+           "constraint_stats", "load_prompt_schemas", "add_constraint_flags", "constraint_args"]
 
 # generate()'s constraint keywords; at most one may be given.
 CONSTRAINT_OPTIONS = ("json_schema", "json_object", "regex", "grammar", "choices")
@@ -325,6 +325,37 @@ def load_prompt_schemas(prompts_file: str | None) -> list | None:
             except DecodeKitError as exc:
                 raise DecodeKitError(f"prompts_file prompt {i}: {exc}") from None
     return schemas if any(s is not None for s in schemas) else None
+
+
+def add_constraint_flags(parser) -> None:
+    """``decodekit generate``'s structured-output flags (one of them at most)."""
+    from decodekit.cli import add_flag
+
+    group = parser.add_argument_group("structured output (one of)")
+    add_flag(group, "json_schema", default=None, help="JSON Schema the output must follow: a file or JSON text")
+    add_flag(group, "json_object", action="store_true", default=None, help="the output is one JSON object")
+    add_flag(group, "regex", default=None, help="regular expression the whole output must match")
+    add_flag(group, "grammar", default=None, help="Lark or GBNF grammar (a file or the text) the output follows")
+    add_flag(group, "choices", action="append", default=None, help="the output is one of these (repeat the flag)")
+
+
+def constraint_args(args, strategy) -> dict:
+    """The constraint flags of ``args`` as generate's keywords, checked with everything they
+    meet (``strategy``: the ``Strategy`` record; the prompts file's schemas; the engine)."""
+    given = {k: getattr(args, k) for k in CONSTRAINT_OPTIONS if getattr(args, k, None) is not None}
+    spec = ConstraintSpec.from_options(**given)
+    if spec is not None and not strategy.constrained:
+        raise DecodeKitError(f"strategy {strategy.name!r} does not take --{spec.name}")
+    for knob in ("min_new_tokens", "ignore_eos"):
+        if spec is not None and getattr(args, knob, None):
+            raise DecodeKitError(f"--{knob} cannot be combined with --{spec.name}: the grammar decides where "
+                                 "the output ends")
+    if load_prompt_schemas(getattr(args, "prompts_file", None)) is not None:
+        if not strategy.constrained:
+            raise DecodeKitError(f"strategy {strategy.name!r} does not take the prompts' json_schema")
+        if getattr(args, "engine", None) not in (None, "local"):
+            raise DecodeKitError("per-prompt json_schema runs with --engine local only")
+    return given
 
 
 def constraint_stats(processor, sequences: list[list[int]], stats: list) -> None:
