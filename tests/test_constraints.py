@@ -209,19 +209,24 @@ def test_constrained_speculative_sampling_has_constrained_samplings_law(tiny_mod
 
 
 def test_beam_equals_transformers_beam_search_under_the_same_mask(tiny):
+    """Batch 1 and 2 (ragged prompts, left padded for transformers): every beam has its own
+    matcher state, and transformers' beam search with the same mask as a logits processor
+    (it sees each beam's sequence) picks the same sequences."""
     model, tok = tiny
     schema = SCHEMAS[2]
-    row = _rows(tok, PROMPTS[1:2])
-    out = _run(model, tok, row, n=20, strategy="beam", num_beams=3, json_schema=schema)
     mask = GrammarConstraint(ConstraintSpec.from_options(json_schema=schema), tok, [tok.eos_token_id], len(tok))
-    ref = model.generate(torch.tensor(row), attention_mask=torch.ones(1, len(row[0]), dtype=torch.long),
-                         num_beams=3, do_sample=False, max_new_tokens=20, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id,
-                         logits_processor=[lambda ids, scores: mask(ids, scores, len(row[0]))])
-    want = ref[0, len(row[0]):].tolist()
-    want = want[: want.index(tok.eos_token_id) + 1] if tok.eos_token_id in want else want
-    assert out.sequences[0] == want
-    _validate(out, tok, schema)
+    for rows in (_rows(tok, PROMPTS[1:2]), _rows(tok, PROMPTS[:2])):
+        out = _run(model, tok, rows, n=20, strategy="beam", num_beams=3, json_schema=schema)
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        ref = model.generate(ids, attention_mask=attention, num_beams=3, do_sample=False, max_new_tokens=20,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             logits_processor=[lambda i, scores: mask(i, scores, width)])
+        for got, want in zip(out.sequences, ref[:, width:].tolist()):
+            want = want[: want.index(tok.eos_token_id) + 1] if tok.eos_token_id in want else want
+            assert got == want
+        _validate(out, tok, schema)
 
 
 # ---------------------------------------------------------------------------- bad input
