@@ -163,6 +163,38 @@ def test_mixed_rows_constrained_and_free_in_one_batch(tiny, name):
     assert chosen.decode(req, opts).sequences == want
 
 
+PER_PROMPT = dict(json_schema=[SCHEMAS[0], None, None, SCHEMAS[4]], regex=[None, None, "[0-9]{4}", None])
+
+
+@pytest.mark.parametrize("name", ["greedy", *[k for k in LOSSLESS if k != "jacobi"]])
+def test_per_prompt_constraints_through_generate(tiny, name):
+    """generate(json_schema=[...], regex=[...]): one constraint per prompt, None for free rows;
+    each row equals that prompt decoded alone with its own constraint, rows finishing apart."""
+    model, tok = tiny
+    rows = _rows(tok, PROMPTS)
+    alone = [dict(json_schema=SCHEMAS[0]), {}, dict(regex="[0-9]{4}"), dict(json_schema=SCHEMAS[4])]
+    want = [_run(model, tok, [row], n=30, **k).sequences[0] for row, k in zip(rows, alone)]
+    options = {k: v for k, v in LOSSLESS.get(name, {"strategy": "greedy"}).items()}
+    out = _run(model, tok, rows, n=30, **options, **PER_PROMPT)
+    assert out.sequences == want
+    assert out.stats[3].forced_tokens > 0 and "forced_tokens" not in out.stats[1].to_dict()
+
+
+def test_per_prompt_constraints_sampled_with_copies_and_bad_lists(tiny):
+    model, tok = tiny
+    rows = _rows(tok, PROMPTS)
+    out = _run(model, tok, rows, strategy="sample", seed=0, num_return_sequences=2, **PER_PROMPT)
+    for i in (0, 1):
+        jsonschema.validate(json.loads(tok.decode(out.sequences[i], skip_special_tokens=True)), SCHEMAS[0])
+    assert all(len(tok.decode(out.sequences[i], skip_special_tokens=True)) == 4 for i in (4, 5))
+    with pytest.raises(DecodeKitError, match="has 2 entries for 4 prompts"):
+        _run(model, tok, rows, json_schema=[SCHEMAS[0], None])
+    with pytest.raises(DecodeKitError, match="prompt 1: regex is invalid"):
+        _run(model, tok, rows, regex=["a", "(", None, None])
+    with pytest.raises(DecodeKitError, match="per-prompt json_schema runs with strategies"):
+        _run(model, tok, rows, strategy="beam", json_schema=[SCHEMAS[0]] * 4)
+
+
 def _law(model, prompt, constraint, vocab, depth=6):
     """Exact law of constrained sampling at temperature 1 over whole outputs, by enumeration
     (``constraint`` is called with each prefix's history; EOS ends a sequence)."""
@@ -222,7 +254,7 @@ def test_beam_equals_transformers_beam_search_under_the_same_mask(tiny):
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         ref = model.generate(ids, attention_mask=attention, num_beams=3, do_sample=False, max_new_tokens=20,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             logits_processor=[lambda i, scores: mask(i, scores, width)])
+                             logits_processor=[lambda i, scores, start=width: mask(i, scores, start)])
         for got, want in zip(out.sequences, ref[:, width:].tolist()):
             want = want[: want.index(tok.eos_token_id) + 1] if tok.eos_token_id in want else want
             assert got == want

@@ -6,6 +6,7 @@ from decodekit.constraints import (
     CONSTRAINT_OPTIONS,
     ConstraintSpec,
     GrammarConstraint,
+    RowConstraints,
     constraint_stats,
     forced_tokens,
 )
@@ -137,6 +138,7 @@ __all__ = [
     "CONSTRAINT_OPTIONS",
     "ConstraintSpec",
     "GrammarConstraint",
+    "RowConstraints",
     "constraint_stats",
     "forced_tokens",
     "STRATEGIES",

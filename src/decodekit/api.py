@@ -15,7 +15,8 @@
 * Structured output (needs ``tokenizer``), one of: ``json_schema`` (a dict or JSON text),
   ``json_object=True``, ``regex``, ``grammar`` (Lark or GBNF text) or ``choices`` (strings):
   a ``decodekit.constraints.GrammarConstraint`` masks what it forbids, exact under every
-  strategy but EIS and refine (refused).
+  strategy but EIS and refine (refused). A list of one entry per prompt (None: unconstrained),
+  ``json_schema=[schema, None]``, gives each prompt its own (greedy, sample and drafting).
 * ``logprobs=N`` (0..20): each generated token's log-probability under the final processed
   distribution (under speculation, the target's, never the drafter's) and the ``N`` most
   likely alternatives, in ``output.logprobs``.
@@ -36,8 +37,8 @@ from torch import Tensor
 
 from decodekit.cache import left_pad
 from decodekit.constraints import (
-    ConstraintSpec,
     GrammarConstraint,
+    RowConstraints,
     constraint_stats,
     pop_constraint,
 )
@@ -199,20 +200,41 @@ def _make_processor(strategy: Strategy, logits_processor, knobs: dict, eos_ids: 
                          vocab_size=vocab)
 
 
-def _add_constraint(strategy: Strategy, processor: LogitsPipeline, spec: ConstraintSpec | None,
-                    knobs: dict, tokenizer, eos_ids: list[int], vocab: int | None) -> None:
+PER_ROW_CONSTRAINTS = ("greedy", "sample", "speculative", "prompt_lookup", "ngram")  # follow rows that leave
+
+
+def _add_constraint(strategy: Strategy, processor: LogitsPipeline, spec, knobs: dict, tokenizer,
+                    eos_ids: list[int], vocab: int | None, prompts: int, shared: Tensor | None) -> None:
     """The constraint goes first in the pipeline: what it forbids stays -inf through the
-    penalties, temperature and filters, so it is part of the target distribution."""
-    if spec is None:
+    penalties, temperature and filters, so it is part of the target distribution. ``spec``:
+    one ``ConstraintSpec`` for every row, or a list of one per prompt (None: unconstrained)."""
+    per_prompt = isinstance(spec, list)
+    first = next((s for s in spec if s is not None), None) if per_prompt else spec
+    if first is None:
         return
     for knob in ("min_new_tokens", "ignore_eos"):
         if knobs.get(knob):  # where the grammar is complete, EOS is the only token left
-            raise DecodeKitError(f"{knob} cannot be combined with {spec.name}: the grammar decides where "
+            raise DecodeKitError(f"{knob} cannot be combined with {first.name}: the grammar decides where "
                                  "the output ends")
     if not strategy.constrained:
-        raise DecodeKitError(f"strategy {strategy.name!r} does not take {spec.name}: it does not decode "
+        raise DecodeKitError(f"strategy {strategy.name!r} does not take {first.name}: it does not decode "
                              "token by token (use greedy, sample, beam or a drafting strategy)")
-    processor.processors.insert(0, GrammarConstraint(spec, tokenizer, eos_ids, vocab))
+    if not per_prompt:
+        processor.processors.insert(0, GrammarConstraint(spec, tokenizer, eos_ids, vocab))
+        return
+    if strategy.name not in PER_ROW_CONSTRAINTS:
+        raise DecodeKitError(f"per-prompt {first.name} runs with strategies {', '.join(PER_ROW_CONSTRAINTS)}; "
+                             f"give strategy {strategy.name!r} one constraint for every prompt")
+    if len(spec) != prompts:
+        raise DecodeKitError(f"per-prompt {first.name} has {len(spec)} entries for {prompts} prompts")
+    built: dict = {}  # one constraint (one matcher pool) per distinct spec
+    for s in spec:
+        if s is not None and s not in built:
+            built[s] = GrammarConstraint(s, tokenizer, eos_ids, vocab)
+    rows = [built.get(s) if s is not None else None for s in spec]  # per prompt
+    if shared is not None:  # num_return_sequences: each copy follows its prompt's constraint
+        rows = [rows[i] for i in shared.tolist()]
+    processor.processors.insert(0, RowConstraints(rows))
 
 
 def _share_prompts(ids: Tensor, mask: Tensor, n: int, processor: LogitsPipeline):
@@ -328,8 +350,9 @@ def _build_request(a: SimpleNamespace) -> tuple[Strategy, object, DecodeRequest]
     ids, mask, eos_ids, pad_token_id = _inputs(model, a.input_ids, a.attention_mask, a.eos_token_id,
                                                 a.pad_token_id, a.max_new_tokens)
     processor = _make_processor(chosen, a.logits_processor, knobs, eos_ids, vocab_size(model))
-    _add_constraint(chosen, processor, spec, knobs, a.tokenizer, eos_ids, vocab_size(model))
+    prompts = ids.shape[0]
     ids, mask, shared = _share_prompts(ids, mask, opts.samples_per_prompt, processor)
+    _add_constraint(chosen, processor, spec, knobs, a.tokenizer, eos_ids, vocab_size(model), prompts, shared)
     stop_strings = check_stop_strings(a.stop_strings)
     if stop_strings and a.tokenizer is None:
         raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")

@@ -34,7 +34,7 @@ from decodekit.processors import HistoryProcessor
 from decodekit.validation import DecodeKitError
 
 __all__ = ["CONSTRAINT_OPTIONS", "ConstraintSpec", "GrammarConstraint", "pop_constraint", "forced_tokens",
-           "constraint_stats", "load_prompt_schemas", "add_constraint_flags", "constraint_args"]
+           "constraint_stats", "load_prompt_schemas", "add_constraint_flags", "constraint_args", "RowConstraints"]
 
 # generate()'s constraint keywords; at most one may be given.
 CONSTRAINT_OPTIONS = ("json_schema", "json_object", "regex", "grammar", "choices")
@@ -131,9 +131,33 @@ class ConstraintSpec:
         return cls(name, grammar)
 
 
-def pop_constraint(options: dict) -> ConstraintSpec | None:
-    """Remove the constraint keywords from ``options`` and return their checked spec."""
-    return ConstraintSpec.from_options(**{k: options.pop(k) for k in CONSTRAINT_OPTIONS if k in options})
+def _per_prompt(name: str, value) -> bool:
+    """A list of per-prompt values (``json_schema=[schema, None]``) rather than one value (a
+    choice list holds strings; a per-prompt one holds lists or None)."""
+    if not isinstance(value, list | tuple):
+        return False
+    return name != "choices" or any(v is None or isinstance(v, list | tuple) for v in value)
+
+
+def pop_constraint(options: dict) -> ConstraintSpec | list[ConstraintSpec | None] | None:
+    """Remove the constraint keywords from ``options``; return their checked spec, or one spec
+    (None: unconstrained) per prompt when they are given as per-prompt lists."""
+    given = {k: options.pop(k) for k in CONSTRAINT_OPTIONS if k in options}
+    lists = {k: v for k, v in given.items() if v is not None and v is not False and _per_prompt(k, v)}
+    if not lists:
+        return ConstraintSpec.from_options(**given)
+    single = [k for k, v in given.items() if k not in lists and v is not None and v is not False]
+    lengths = {len(v) for v in lists.values()}
+    if single or len(lengths) > 1:
+        raise DecodeKitError(f"per-prompt constraints: give {', '.join(sorted(given))} as lists of one "
+                             "entry per prompt (None: unconstrained)")
+    specs = []
+    for i in range(lengths.pop()):
+        try:
+            specs.append(ConstraintSpec.from_options(**{k: v[i] for k, v in lists.items()}))
+        except DecodeKitError as exc:
+            raise DecodeKitError(f"prompt {i}: {exc}") from None
+    return specs
 
 
 _TOKENIZERS: dict = {}  # (id(tokenizer), vocab) -> (tokenizer, LLTokenizer): ~0.3 s to build
@@ -292,6 +316,33 @@ class GrammarConstraint(HistoryProcessor):
         return allowed
 
 
+class RowConstraints(HistoryProcessor):
+    """Each row its own ``GrammarConstraint`` (or None: unconstrained), following the batch
+    as rows finish (``select_rows``). Rows with the same constraint are masked together."""
+
+    def __init__(self, constraints: list[GrammarConstraint | None]):
+        self.constraints = list(constraints)  # per active row
+        self.initial = list(constraints)  # per row of the request, for the stats
+
+    def __repr__(self) -> str:
+        return f"RowConstraints({len(self.constraints)} rows)"
+
+    def select_rows(self, keep: list[int]) -> None:
+        self.constraints = [self.constraints[i] for i in keep]
+
+    def __call__(self, input_ids, logits, prompt_lengths=None, pad_lengths=None):
+        if len(self.constraints) != logits.shape[0]:
+            raise DecodeKitError(f"per-prompt constraints follow {len(self.constraints)} rows, got {logits.shape[0]}")
+        out = logits
+        for constraint in {id(c): c for c in self.constraints if c is not None}.values():
+            rows = torch.tensor([b for b, c in enumerate(self.constraints) if c is constraint])  # [n]
+            starts = prompt_lengths.index_select(0, rows.to(prompt_lengths.device))
+            masked = constraint(input_ids.index_select(0, rows.to(input_ids.device)),
+                                logits.index_select(0, rows.to(logits.device)), starts)  # [n, V]
+            out = out.index_copy(0, rows.to(logits.device), masked)
+        return out
+
+
 def forced_tokens(spec: ConstraintSpec, tokenizer, vocab: int, tokens: list[int]) -> int:
     """How many of ``tokens`` the grammar forced: positions where it allowed one token only
     (replayed on a fresh matcher: ~15 us a token)."""
@@ -361,10 +412,12 @@ def constraint_args(args, strategy) -> dict:
 def constraint_stats(processor, sequences: list[list[int]], stats: list) -> None:
     """Fill ``mask_seconds`` (the call's mask time, shared evenly by its rows) and
     ``forced_tokens`` of each row's ``RequestStats`` when ``processor`` holds a constraint."""
-    found = [p for p in getattr(processor, "processors", []) if isinstance(p, GrammarConstraint)]
-    if not found:
-        return
-    constraint = found[0]
-    for seq, stat in zip(sequences, stats):
-        stat.mask_seconds = constraint.mask_seconds / max(1, len(stats))
-        stat.forced_tokens = forced_tokens(constraint.spec, constraint.tokenizer, constraint.vocab, seq)
+    steps = getattr(processor, "processors", [])
+    per_row = [p for p in steps if isinstance(p, RowConstraints)]
+    shared = [p for p in steps if isinstance(p, GrammarConstraint)]
+    rows = per_row[0].initial if per_row else shared[:1] * len(stats)
+    for seq, stat, constraint in zip(sequences, stats, rows):
+        if constraint is not None:
+            users = sum(c is constraint for c in rows)
+            stat.mask_seconds = constraint.mask_seconds / max(1, users)
+            stat.forced_tokens = forced_tokens(constraint.spec, constraint.tokenizer, constraint.vocab, seq)
