@@ -2,6 +2,14 @@
 
 from decodekit.api import build_request, generate, generate_super, prepare_inputs
 from decodekit.cache import ModelState, left_pad, prune_cache
+from decodekit.constraints import (
+    CONSTRAINT_OPTIONS,
+    ConstraintSpec,
+    GrammarConstraint,
+    RowConstraints,
+    constraint_stats,
+    forced_tokens,
+)
 from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
 from decodekit.eagle import TrainConfig, train_drafter
 from decodekit.io import encode_prompts, load_prompts
@@ -127,6 +135,12 @@ __all__ = [
     "TopP",
     "MinP",
     "TypicalP",
+    "CONSTRAINT_OPTIONS",
+    "ConstraintSpec",
+    "GrammarConstraint",
+    "RowConstraints",
+    "constraint_stats",
+    "forced_tokens",
     "STRATEGIES",
     "autoregressive_generate",
     "speculative_generate",

@@ -12,6 +12,11 @@
   ``suppress_tokens``, ``min_new_tokens``, ``ignore_eos``. They stay exact under every
   speculative strategy. ``seed`` makes sampling reproducible; ``num_return_sequences=n``
   samples n sequences per prompt from one shared prefill.
+* Structured output (needs ``tokenizer``), one of: ``json_schema`` (a dict or JSON text),
+  ``json_object=True``, ``regex``, ``grammar`` (Lark or GBNF text) or ``choices`` (strings):
+  a ``decodekit.constraints.GrammarConstraint`` masks what it forbids, exact under every
+  strategy but EIS and refine (refused). A list of one entry per prompt (None: unconstrained),
+  ``json_schema=[schema, None]``, gives each prompt its own (greedy, sample and drafting).
 * ``logprobs=N`` (0..20): each generated token's log-probability under the final processed
   distribution (under speculation, the target's, never the drafter's) and the ``N`` most
   likely alternatives, in ``output.logprobs``.
@@ -31,6 +36,12 @@ import torch
 from torch import Tensor
 
 from decodekit.cache import left_pad
+from decodekit.constraints import (
+    GrammarConstraint,
+    RowConstraints,
+    constraint_stats,
+    pop_constraint,
+)
 from decodekit.model_info import context_length, default_eos_pad, pad_id, vocab_size
 from decodekit.outputs import GenerationOutput, RowTracker
 from decodekit.processors import (
@@ -189,6 +200,43 @@ def _make_processor(strategy: Strategy, logits_processor, knobs: dict, eos_ids: 
                          vocab_size=vocab)
 
 
+PER_ROW_CONSTRAINTS = ("greedy", "sample", "speculative", "prompt_lookup", "ngram")  # follow rows that leave
+
+
+def _add_constraint(strategy: Strategy, processor: LogitsPipeline, spec, knobs: dict, tokenizer,
+                    eos_ids: list[int], vocab: int | None, prompts: int, shared: Tensor | None) -> None:
+    """The constraint goes first in the pipeline: what it forbids stays -inf through the
+    penalties, temperature and filters, so it is part of the target distribution. ``spec``:
+    one ``ConstraintSpec`` for every row, or a list of one per prompt (None: unconstrained)."""
+    per_prompt = isinstance(spec, list)
+    first = next((s for s in spec if s is not None), None) if per_prompt else spec
+    if first is None:
+        return
+    for knob in ("min_new_tokens", "ignore_eos"):
+        if knobs.get(knob):  # where the grammar is complete, EOS is the only token left
+            raise DecodeKitError(f"{knob} cannot be combined with {first.name}: the grammar decides where "
+                                 "the output ends")
+    if not strategy.constrained:
+        raise DecodeKitError(f"strategy {strategy.name!r} does not take {first.name}: it does not decode "
+                             "token by token (use greedy, sample, beam or a drafting strategy)")
+    if not per_prompt:
+        processor.processors.insert(0, GrammarConstraint(spec, tokenizer, eos_ids, vocab))
+        return
+    if strategy.name not in PER_ROW_CONSTRAINTS:
+        raise DecodeKitError(f"per-prompt {first.name} runs with strategies {', '.join(PER_ROW_CONSTRAINTS)}; "
+                             f"give strategy {strategy.name!r} one constraint for every prompt")
+    if len(spec) != prompts:
+        raise DecodeKitError(f"per-prompt {first.name} has {len(spec)} entries for {prompts} prompts")
+    built: dict = {}  # one constraint (one matcher pool) per distinct spec
+    for s in spec:
+        if s is not None and s not in built:
+            built[s] = GrammarConstraint(s, tokenizer, eos_ids, vocab)
+    rows = [built.get(s) if s is not None else None for s in spec]  # per prompt
+    if shared is not None:  # num_return_sequences: each copy follows its prompt's constraint
+        rows = [rows[i] for i in shared.tolist()]
+    processor.processors.insert(0, RowConstraints(rows))
+
+
 def _share_prompts(ids: Tensor, mask: Tensor, n: int, processor: LogitsPipeline):
     """``n`` samples per prompt: each row repeated ``n`` times (prompt-major), with the
     prompt number of every copy (``DecodeRequest.shared``: prefilled once, then forked)."""
@@ -259,9 +307,11 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return chosen.decode(request, opts)
+        out = chosen.decode(request, opts)
     finally:
         model.train(was_training)
+    constraint_stats(request.processor, out.sequences, out.stats)
+    return out
 
 
 _GENERATE_SIGNATURE = inspect.signature(generate)
@@ -287,6 +337,8 @@ def _build_request(a: SimpleNamespace) -> tuple[Strategy, object, DecodeRequest]
     """``build_request`` on ``a``: every parameter of ``generate`` by name, defaults filled in."""
     chosen = get_strategy(a.strategy)
     knobs = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    a.options = dict(a.options)
+    spec = pop_constraint(a.options)
     opts = build_options(a.strategy, {k: v for k, v in a.options.items() if k not in PROCESSOR_OPTIONS}, knobs)
     knobs.update({k: v for k, v in a.options.items() if k in PROCESSOR_OPTIONS})
     check_int("max_new_tokens", a.max_new_tokens, min_value=1)
@@ -298,7 +350,9 @@ def _build_request(a: SimpleNamespace) -> tuple[Strategy, object, DecodeRequest]
     ids, mask, eos_ids, pad_token_id = _inputs(model, a.input_ids, a.attention_mask, a.eos_token_id,
                                                 a.pad_token_id, a.max_new_tokens)
     processor = _make_processor(chosen, a.logits_processor, knobs, eos_ids, vocab_size(model))
+    prompts = ids.shape[0]
     ids, mask, shared = _share_prompts(ids, mask, opts.samples_per_prompt, processor)
+    _add_constraint(chosen, processor, spec, knobs, a.tokenizer, eos_ids, vocab_size(model), prompts, shared)
     stop_strings = check_stop_strings(a.stop_strings)
     if stop_strings and a.tokenizer is None:
         raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")

@@ -11,7 +11,7 @@ import sys
 from decodekit.strategies import get_strategy
 
 __all__ = ["TerminalStream", "open_results", "batch_records", "decode_batch", "chat_template_on",
-           "model_dtype", "generate_prompts", "print_records", "format_debug"]
+           "model_dtype", "generate_prompts", "print_records", "format_debug", "split_by_schema"]
 
 log = logging.getLogger("decodekit")
 
@@ -107,6 +107,28 @@ def decode_batch(model, tokenizer, indices, texts, generate_kwargs, encoding: tu
     return batch_records(indices, texts, rows, out, tokenizer, model_dtype(model)), out
 
 
+def split_by_schema(batch: list[int], schemas: list | None, generate_kwargs: dict) -> list[tuple[list[int], dict]]:
+    """A batch -> ``(indices, generate kwargs)`` per per-prompt ``json_schema`` of a prompts
+    file (it replaces the command line's constraint for its prompt); one group without any."""
+    if schemas is None:
+        return [(batch, generate_kwargs)]
+    import json
+
+    from decodekit.constraints import CONSTRAINT_OPTIONS
+
+    groups: dict[str, list[int]] = {}
+    for i in batch:
+        groups.setdefault(json.dumps(schemas[i], sort_keys=True), []).append(i)
+    out = []
+    for key, indices in groups.items():
+        kwargs = generate_kwargs
+        if schemas[indices[0]] is not None:
+            kwargs = {k: v for k, v in generate_kwargs.items() if k not in CONSTRAINT_OPTIONS}
+            kwargs["json_schema"] = json.loads(key)
+        out.append((indices, kwargs))
+    return out
+
+
 def generate_prompts(model, tokenizer, prompts, args, generate_kwargs, show_debug: bool, writer=None):
     """Shared batch loop: tqdm over batches, results written per batch, resume honoured.
 
@@ -115,6 +137,7 @@ def generate_prompts(model, tokenizer, prompts, args, generate_kwargs, show_debu
     """
     from tqdm import tqdm
 
+    from decodekit.constraints import load_prompt_schemas
     from decodekit.io import iter_batches
 
     todo = writer.pending() if writer is not None else list(range(len(prompts)))
@@ -124,18 +147,20 @@ def generate_prompts(model, tokenizer, prompts, args, generate_kwargs, show_debu
                 getattr(args, "allow_special_tokens", False))
     stream = len(todo) == 1 and not getattr(args, "no_stream", False) and not show_debug
     records = []
+    schemas = load_prompt_schemas(getattr(args, "prompts_file", None))
     batches = list(iter_batches(todo, args.batch_size))
     for batch in tqdm(batches, desc="batches", unit="batch", disable=len(batches) <= 1, file=sys.stderr):
-        texts = [prompts[i] for i in batch]
-        streamer = TerminalStream(tokenizer) if stream else None
-        done, out = decode_batch(model, tokenizer, batch, texts, generate_kwargs, encoding, streamer)
-        if show_debug:
-            shown = format_debug(generate_kwargs["strategy"], out, tokenizer)
-            if shown:
-                print(shown)
-        if writer is not None:
-            writer.write(done)
-        records.extend(done)
+        for indices, kwargs in split_by_schema(batch, schemas, generate_kwargs):
+            texts = [prompts[i] for i in indices]
+            streamer = TerminalStream(tokenizer) if stream else None
+            done, out = decode_batch(model, tokenizer, indices, texts, kwargs, encoding, streamer)
+            if show_debug:
+                shown = format_debug(generate_kwargs["strategy"], out, tokenizer)
+                if shown:
+                    print(shown)
+            if writer is not None:
+                writer.write(done)
+            records.extend(done)
     return records
 
 

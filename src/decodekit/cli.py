@@ -201,6 +201,9 @@ def build_generate_parser(sub) -> argparse.ArgumentParser:
              help="record each token's log-probability and this many alternatives (0..20) in "
                   "the results' \"logprobs\" field")
     add_flag(p, "stop_strings", action="append", default=None, help="stop when this text appears")
+    from decodekit.constraints import add_constraint_flags
+
+    add_constraint_flags(p)
     chat = p.add_mutually_exclusive_group()
     add_flag(chat, "use_chat_template", action="store_const", const=True, default=None,
              help="apply the chat template (default when the tokenizer has one)")
@@ -216,6 +219,13 @@ def build_generate_parser(sub) -> argparse.ArgumentParser:
     add_strategy_flags(p, {a.dest for a in p._actions})
     p.set_defaults(func=run_generate)
     return p
+
+
+def _constraint_options(args) -> dict:
+    """The constraint flags given, checked (bad ones name the flag) before any model loads."""
+    from decodekit.constraints import constraint_args
+
+    return constraint_args(args, _strategy(args))
 
 
 def _strategy_options(args) -> dict:
@@ -267,6 +277,7 @@ def _validate_generate_args(args) -> None:
             raise DecodeKitError(f"{dest} must be a finite number, got {value}")
     if args.stop_strings is not None:
         check_stop_strings(args.stop_strings)
+    _constraint_options(args)
     if args.resume and not args.output_file:
         raise DecodeKitError("--resume needs --output_file")
     if args.overwrite and not args.output_file:
@@ -322,7 +333,7 @@ def run_generate(args) -> int:
     kwargs = dict(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop_strings,
                   logprobs=args.logprobs,
-                  debug=args.debug, **_processor_options(args), **options)
+                  debug=args.debug, **_processor_options(args), **_constraint_options(args), **options)
     writer = open_results(args, prompts, kwargs)
     if writer is not None and not writer.pending():
         print(f"all {len(prompts)} prompts already have results in {args.output_file}", file=sys.stderr)

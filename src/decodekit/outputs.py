@@ -8,6 +8,7 @@ strategy which rows finished so it can drop them from its batch.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -33,6 +34,8 @@ class RequestStats:
     drafter_forwards: int = 0
     accept_lengths: list[int] = field(default_factory=list)  # accepted drafts per verify step
     draft_lengths: list[int] = field(default_factory=list)  # drafts proposed per verify step
+    mask_seconds: float = 0.0  # structured output: time computing the grammar's token masks
+    forced_tokens: int = 0  # structured output: tokens the grammar forced (the one it allowed)
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,6 +90,11 @@ class RequestStats:
             for key in ("drafted", "accepted", "drafter_forwards"):
                 d.pop(key)
         d["tokens_per_forward"] = round(self.tokens_per_forward, 4)
+        if self.mask_seconds or self.forced_tokens:
+            d["mask_seconds"] = round(self.mask_seconds, 4)
+        else:
+            d.pop("mask_seconds")
+            d.pop("forced_tokens")
         return d
 
 
@@ -253,12 +261,14 @@ class RowTracker:
 
 def logprob_entries(scores: Tensor, tokens: Sequence[int], top: int) -> list[dict]:
     """``scores [K, V]`` (processed logits) of ``K`` chosen ``tokens`` -> OpenAI-style entries:
-    the token's log-probability under the final distribution and the ``top`` most likely."""
+    the token's log-probability under the final distribution and the ``top`` most likely
+    (alternatives of probability 0, which a filter or a constraint removed, are left out:
+    -inf is not JSON)."""
     logp = torch.log_softmax(scores.float(), dim=-1)  # [K, V]
     chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
     best_lp, best_id = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
     return [
         {"token_id": tok, "logprob": lp,
-         "top_logprobs": [{"token_id": t, "logprob": v} for t, v in zip(ids, lps)]}
+         "top_logprobs": [{"token_id": t, "logprob": v} for t, v in zip(ids, lps) if v != -math.inf]}
         for tok, lp, ids, lps in zip(tokens, chosen, best_id.tolist(), best_lp.tolist())
     ]

@@ -443,7 +443,11 @@ class LogitsPipeline:
         return self.is_greedy
 
     def select_rows(self, keep: list[int]) -> None:
-        """Rows left the batch: nothing to do for one pipeline shared by every row."""
+        """Rows left the batch: a processor with per-row settings (``decodekit.constraints.
+        RowConstraints``) keeps its rows ``keep``; the others are shared by every row."""
+        for proc in self.processors:
+            if hasattr(proc, "select_rows"):
+                proc.select_rows(keep)
 
     def add_rows(self, other: LogitsPipeline) -> None:
         """Rows joined the batch (continuous batching): one shared pipeline keeps itself."""

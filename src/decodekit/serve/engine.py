@@ -44,6 +44,7 @@ from torch import Tensor
 
 from decodekit.api import build_request, generate
 from decodekit.cache import left_pad
+from decodekit.constraints import constraint_stats
 from decodekit.model_info import vocab_size
 from decodekit.ngram_storage import NGramStorage
 from decodekit.outputs import RowTracker, logprob_entries
@@ -164,7 +165,9 @@ class _Job:
 
     def finish(self, row: int, stat=None, extra: dict | None = None) -> None:
         """Row ``row`` is done: its ``DoneEvent`` (stats from ``stat``, default the row's own)."""
-        stat = stat if stat is not None else self.tracker.stats[row]
+        if stat is None:  # a batched lane's row (generate() fills its own)
+            stat = self.tracker.stats[row]
+            constraint_stats(self.dreq.processor, [self.tracker.tokens[row]], [stat])
         reason = "length" if stat.finish_reason in ("length", "running") else "stop"
         stats = {"strategy": self.strategy.name, **stat.to_dict(), "forwards": stat.forward_passes,
                  "acceptance_rate": round(stat.acceptance_rate, 4),

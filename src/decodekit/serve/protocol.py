@@ -32,8 +32,11 @@ ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choices",
+          "guided_grammar": "grammar"}  # vLLM's structured-output fields -> generate's
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
-                 "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "decoding"}
+                 "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "decoding",
+                 "response_format", *GUIDED}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 TEXT_FIELDS = COMMON_FIELDS | {"prompt", "logprobs"}
 SAMPLING = ("temperature", "top_k", "top_p")
@@ -150,6 +153,41 @@ def _params(body: dict, default_max: int, origins: dict) -> dict:
     return params
 
 
+def _response_format(value) -> dict:
+    """OpenAI's ``response_format`` -> generate's constraint keyword (``{}`` for text)."""
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise DecodeKitError("response_format must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}, "
+                             f"got {value!r}")
+    if value["type"] == "text":
+        return {}
+    if value["type"] == "json_object":
+        return {"json_object": True}
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise DecodeKitError("response_format json_schema must be {\"name\": ..., \"schema\": {...}, "
+                             f"\"strict\": true}}, got {spec!r}")
+    if not isinstance(spec.get("strict", False), bool):
+        raise DecodeKitError(f"response_format strict must be true or false, got {spec['strict']!r}")
+    return {"json_schema": spec["schema"]}  # strict or not, the schema is enforced token by token
+
+
+def _constraint(body: dict, origins: dict) -> dict:
+    """``response_format`` or one of vLLM's ``guided_*`` fields -> a checked constraint keyword."""
+    from decodekit.constraints import ConstraintSpec
+
+    given = {}
+    if body.get("response_format") is not None:
+        given = _response_format(body["response_format"])
+        origins.update({k: "response_format" for k in given})
+    for name, keyword in GUIDED.items():
+        if body.get(name) is not None:
+            if keyword in given:
+                raise DecodeKitError(f"give one of response_format and {name}, not both")
+            given[keyword], origins[keyword] = body[name], name
+    ConstraintSpec.from_options(**given)
+    return given
+
+
 def _logit_bias(bias: dict) -> dict:
     try:
         return {int(k): v for k, v in bias.items()}
@@ -163,6 +201,7 @@ def _common(body: dict, kind: str, model_id: str, prompt_ids: list[int], default
     if model not in (model_id, None):
         raise DecodeKitError(f"model must be {model_id!r} (the model this server runs), got {model!r}")
     params = _params(body, default_max, origins)
+    params.update(_constraint(body, origins))
     stop = _stop(body)
     if stop:
         params["stop_strings"] = stop

@@ -41,7 +41,7 @@ def decode(req: DecodeRequest, opts: AutoregressiveOptions | None = None):
         finished = tracker.push(tokens[:, None], None if scores is None else scores[:, None])
         if req.debug and req.tokenizer is not None:
             log.info("step tokens: %s", [req.tokenizer.decode([t]) for t in tokens.tolist()])
-        (tokens,) = drop_finished(tracker, finished, [state], tokens)
+        (tokens,) = drop_finished(tracker, finished, [state], tokens, processor=req.processor)
         if tracker.done:
             break
         logits = state.extend(tokens[:, None])[:, -1]  # [B, V]

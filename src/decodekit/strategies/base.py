@@ -94,10 +94,12 @@ class DecodeRequest:
 
 
 def drop_finished(
-    tracker: RowTracker, finished: list[bool], states: list[ModelState], *tensors: Tensor
+    tracker: RowTracker, finished: list[bool], states: list[ModelState], *tensors: Tensor,
+    processor: LogitsPipeline | None = None,
 ) -> list[Tensor]:
-    """Remove finished rows from the tracker, every state and every per-row tensor given.
-    The forwards the states made so far are credited first, to the rows that took part."""
+    """Remove finished rows from the tracker, every state, every per-row tensor given and the
+    ``processor``'s per-row settings. The forwards the states made so far are credited first,
+    to the rows that took part."""
     for state in states:
         tracker.count_forwards(state)
     keep = tracker.drop_finished(finished)
@@ -105,4 +107,6 @@ def drop_finished(
         return list(tensors)
     for state in states:
         state.select_rows(keep)
+    if processor is not None:
+        processor.select_rows(keep.tolist())
     return [t.index_select(0, keep.to(t.device)) for t in tensors]

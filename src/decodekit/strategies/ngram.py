@@ -38,6 +38,7 @@ from decodekit.ngram_storage import INgramStorage, NGramStorage, update_many
 from decodekit.outputs import GenerationOutput
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.draft_policy import POLICIES, AcceptanceGate, DraftOptions
+from decodekit.strategies.forced import with_forced_drafts
 from decodekit.strategies.options import option
 from decodekit.strategies.speculative import Draft, Drafter, speculative_loop
 from decodekit.strategies.verify import VerifyResult
@@ -283,7 +284,8 @@ def decode_prompt_lookup(req: DecodeRequest, opts: PromptLookupOptions) -> Gener
     ``ngram_n``: longest suffix tried (down to 1 token); ``gamma``: at most this many
     drafts copied per step; ``draft_policy``: ``adaptive`` (default: drafts only where the
     measured acceptance pays for them; never much slower than greedy) | ``fixed`` | ``cost``.
+    With a constraint, the tokens the grammar forces are drafted first (``strategies.forced``).
     """
-    drafter = PromptLookupDrafter(opts.ngram_n)
+    drafter = with_forced_drafts(req, PromptLookupDrafter(opts.ngram_n))
     return speculative_loop(req, drafter, opts.policy(), show_drafts=opts.show_drafts)
 

@@ -169,3 +169,4 @@ class Strategy:
     sampling: str = "optional"
     format_trace: Callable | None = None  # (output.debug, tokenizer) -> str
     logprobs: bool = True  # can report each token's log-probability (generate(logprobs=N))
+    constrained: bool = True  # takes structured output (json_schema=, regex=...: decodekit.constraints)
