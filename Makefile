@@ -30,8 +30,9 @@ install-dev: $(VENV)/.installed-dev
 # Optional llama.cpp backend (`--backend llama.cpp`), compiled from source with flags that work on
 # AVX2 and AVX512/AMX CPUs alike (the default native build crashed on an AMX Xeon). ~10-30 min on 2 cores.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+LLAMA_JOBS ?= $(shell nproc)
 $(VENV)/.installed-llamacpp: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMA_JOBS) $(PIP) install -q --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'
 	touch $@
 
 install-llamacpp: $(VENV)/.installed-llamacpp
@@ -39,8 +40,10 @@ install-llamacpp: $(VENV)/.installed-llamacpp
 demo: install
 	$(VENV)/bin/decodekit generate --prompt "$(PROMPT)" --max_new_tokens 64
 
+# PYTEST_ARGS: extra pytest arguments (CI: --without-part llamacpp while llama.cpp builds)
+PYTEST_ARGS ?=
 test: install-dev
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25 $(PYTEST_ARGS)
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests
