@@ -27,10 +27,12 @@ __all__ = ["load_model", "check_model_spec", "check_backend", "gguf_path", "BUND
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# The default dtype by device (``default_dtype``): float32 on the CPU, bfloat16 on CUDA. On
-# the CPUs measured (docs "Models and dtypes", benchmarks/results/cpu-dtype-default), bfloat16
-# greedy was slower than float32 without AMX and at best even with it, and bfloat16 output
-# depends on the batch's composition (verify widths, other rows); float32's does far less.
+# The default dtype by device (``default_dtype``): float32 on the CPU, bfloat16 on CUDA.
+# Measured (docs "Models and dtypes"; benchmarks/results/cpu-dtype-default, cpu-all-bf16):
+# bfloat16 greedy is 1.7x slower than float32 on the AVX2 EPYC, 0.95x at batch 1 and 1.38x at
+# batch 4 on an AMX Xeon; and bfloat16 output depends on the batch's composition (prompt
+# lookup kept 4 of 6 rows identical to greedy there, float32 6 of 6). So float32 everywhere on
+# the CPU: the same command gives the same text; --dtype bfloat16 is the faster batch on AMX.
 DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 DEFAULT_DTYPE = DEFAULT_DTYPES["cpu"]  # the default where the device is not yet known (help texts)
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -276,8 +278,8 @@ def default_dtype(device: str | torch.device | None = None) -> str:
 def default_dtype_note(device: str | torch.device | None = None) -> str:
     """One line saying which dtype the default picks and why (the CLI prints it at load)."""
     kind = _device_type(device)
-    why = {"cpu": "the CPU default: bfloat16 was not faster on the CPUs measured and its output "
-                  "depends on the batch's composition",
+    why = {"cpu": "the CPU default: its output changes far less with the batch's composition, and "
+                  "bfloat16 pays only at batch > 1 on CPUs with AMX",
            "cuda": "the GPU default: native bfloat16 matmuls"}.get(kind, "the default")
     return f"dtype {default_dtype(device)} ({why}; --dtype chooses another)"
 
