@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATES = RESULTS / "dates.json"
-TARGETS = [ROOT / "docs" / "performance.md", ROOT / "README.md"]
+TARGETS = [ROOT / "docs" / "performance.md", ROOT / "docs" / "models.md", ROOT / "README.md"]
 MARKER = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 # column name -> (header, formatter of a summary row)
@@ -121,6 +121,8 @@ TABLES: dict[str, Table] = {
     "eagle-hybrid": Table("cpu-eagle-hybrid-3", BASIC + ["chat", "grounded"]),
     "lookup-fp32": Table("cpu-eagle", BASIC + ["chat", "grounded"], strategies=("greedy", "prompt_lookup", "ngram")),
     "hybrid-bf16-grounded": Table("cpu-hybrid-bf16-grounded", BASIC),
+    "dtype-default": Table("cpu-dtype-default", ["strategy", "dtype", "batch", "tok_s", "x_greedy", "fwd", "acc", "same"],
+                           impls=("decodekit",)),
 }
 
 

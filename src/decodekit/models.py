@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # The default dtype by device (``default_dtype``): float32 on the CPU, bfloat16 on CUDA.
 # Measured (docs "Models and dtypes"; benchmarks/results/cpu-dtype-default, cpu-all-bf16):
-# bfloat16 greedy is 1.7x slower than float32 on the AVX2 EPYC, 0.95x at batch 1 and 1.38x at
-# batch 4 on an AMX Xeon; and bfloat16 output depends on the batch's composition (prompt
+# bfloat16 greedy runs 0.5x-1.4x float32's speed on the AVX2 EPYC (runs disagree), 0.95x at
+# batch 1 and 1.38x at batch 4 on an AMX Xeon; and bfloat16 output depends on the batch's composition (prompt
 # lookup kept 4 of 6 rows identical to greedy there, float32 6 of 6). So float32 everywhere on
 # the CPU: the same command gives the same text; --dtype bfloat16 is the faster batch on AMX.
 DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
