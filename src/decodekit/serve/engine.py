@@ -108,6 +108,7 @@ class DoneEvent:
 @dataclass
 class ErrorEvent:
     message: str
+    code: str = "decode_error"  # "decode_error" | "engine_stopped" | the code ``Engine.stop`` was given
 
 
 Event = TokenEvent | DoneEvent | ErrorEvent
@@ -176,8 +177,8 @@ class _Job:
         if self.rows_left <= 0:
             self.close()
 
-    def fail(self, message: str) -> None:
-        self.send(ErrorEvent(message))
+    def fail(self, message: str, code: str = "decode_error") -> None:
+        self.send(ErrorEvent(message, code))
         self.close()
 
     def close(self) -> None:
@@ -225,7 +226,13 @@ class _LaneTracker:
         finished = [False] * len(self.active)
         for job, pos in self._groups():
             sub = None if scores is None else scores[pos]
-            for i, f in zip(pos, job.tracker.push([new_tokens[i] for i in pos], sub), strict=True):
+            try:
+                done = job.tracker.push([new_tokens[i] for i in pos], sub)
+            except Exception as exc:  # its stop strings / detokenizer: that request fails alone
+                log.exception("a request's row tracker failed")
+                job.fail(_message(exc))
+                done = [True] * len(pos)
+            for i, f in zip(pos, done, strict=True):
                 finished[i] = f
         return finished
 
@@ -250,7 +257,7 @@ class _LaneTracker:
         for gid, f in zip(self.active, finished, strict=True):
             if f:
                 job, local = self.owner.pop(gid)
-                if not job.cancelled:
+                if not (job.cancelled or job.over):
                     job.finish(local)
         keep = [i for i, f in enumerate(finished) if not f]
         self.active = [self.active[i] for i in keep]
@@ -263,6 +270,19 @@ class _LaneRun(_Run):
 
     def __init__(self, req, drafter: Drafter, policy: DraftPolicy):
         super().__init__(req, drafter, policy, trace=False)
+        for part in (req.processor, drafter):  # serve.mixed: per-row faults fail their rows only
+            if hasattr(part, "on_error"):
+                part.on_error = self.fail_rows
+
+    def fail_rows(self, positions: list[int], exc: Exception) -> None:
+        """Rows (batch positions) whose processor or drafter raised: their requests fail now
+        (no more events) and leave at the lane's next look; the other rows go on."""
+        tracker = self.req.tracker
+        jobs = {id(job): job for job, _ in (tracker.owner[tracker.active[p]] for p in positions)}
+        for job in jobs.values():
+            if not job.over:
+                log.error("request failed while decoding: %s", _message(exc), exc_info=exc)
+                job.fail(_message(exc))
 
     def remaining(self) -> Tensor:
         return torch.tensor(self.req.tracker.room())
@@ -409,6 +429,7 @@ class Engine:
         self._ids = itertools.count()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._stop_reason = ("the engine stopped", "engine_stopped")
         self._counts = dict(requests_total=0, requests_running=0, generated_tokens_total=0,
                             forwards_total=0, drafted=0, accepted=0)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) over RATE_WINDOW_S
@@ -424,8 +445,9 @@ class Engine:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self) -> None:
-        """Stop both threads; requests still queued or running get an ``ErrorEvent``."""
+    def stop(self, message: str = "the engine stopped", code: str = "engine_stopped") -> None:
+        """Stop both threads; requests still queued or running get ``ErrorEvent(message, code)``."""
+        self._stop_reason = (message, code)
         self._stopping.set()
         self._solo.put(None)
         with self._cond:
@@ -434,13 +456,13 @@ class Engine:
             thread.join(timeout=30)
         self._threads = []
         for job in [*self._pending, *(j for lane in self._lanes.values() for j in lane.run.jobs())]:
-            job.fail("the engine stopped")
+            job.fail(message, code)
         self._pending.clear()
         self._lanes.clear()
         while not self._solo.empty():
             job = self._solo.get_nowait()
             if job is not None:
-                job.fail("the engine stopped")
+                job.fail(message, code)
 
     def check(self, req: EngineRequest) -> None:
         """Validate ``req`` as ``decodekit.generate`` would, without decoding (``DecodeKitError``
@@ -678,15 +700,12 @@ class Engine:
         lane = self._lanes[key]
         run = lane.run
         try:
-            gone = [run.req.tracker.owner[g][0].cancelled for g in run.req.tracker.active]
-            if any(gone):
-                for job in {id(j): j for j, _ in run.req.tracker.owner.values() if j.cancelled}.values():
-                    job.close()
-                run.drop_finished(gone)
+            _drop_gone(run)
             if not run.req.tracker.done:
                 before = run.state.forwards
                 _step(run, lane.skip_sample_adjustment)
                 self._count_forwards(run.state.forwards - before)
+                _drop_gone(run)  # rows that failed in this step leave before anyone joins
         except Exception as exc:  # the lane's requests fail; other lanes go on
             log.exception("decoding step failed")
             self._fail_lane(key, _message(exc))
@@ -712,7 +731,7 @@ class Engine:
             try:
                 self._run_solo(job)
             except _Cancelled:  # its client went away, or the engine is stopping
-                job.fail("the engine stopped") if not job.cancelled else job.close()
+                job.fail(*self._stop_reason) if not job.cancelled else job.close()
             except Exception as exc:
                 log.exception("request failed")
                 job.fail(_message(exc))
@@ -750,6 +769,16 @@ class Engine:
         logprobs = [e["logprob"] for e in entries] if entries else None
         top = [e["top_logprobs"] for e in entries] if entries else None
         job.send(TokenEvent(row, tokens, ["plain"] * len(tokens), logprobs, top))
+
+
+def _drop_gone(run: _LaneRun) -> None:
+    """Rows of cancelled (client gone, timed out) or failed requests leave the lane."""
+    tracker = run.req.tracker
+    gone = [tracker.owner[g][0].cancelled or tracker.owner[g][0].over for g in tracker.active]
+    if any(gone):
+        for job in {id(j): j for j, _ in tracker.owner.values() if j.cancelled}.values():
+            job.close()
+        run.drop_finished(gone)
 
 
 class _Cancelled(Exception):
