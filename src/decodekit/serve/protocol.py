@@ -33,7 +33,8 @@ MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
-                 "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "decoding"}
+                 "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "decoding",
+                 "timeout"}  # timeout: seconds, checked by serve.limits
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 TEXT_FIELDS = COMMON_FIELDS | {"prompt", "logprobs"}
 SAMPLING = ("temperature", "top_k", "top_p")
