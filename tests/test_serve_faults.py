@@ -9,9 +9,9 @@ import pytest
 import decodekit
 from decodekit.serve import Engine, EngineRequest
 from decodekit.strategies.ngram import PromptLookupDrafter
+from test_serve_engine import REPEATING, Collect
 
 from conftest import tiny_llama
-from test_serve_engine import REPEATING, Collect
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

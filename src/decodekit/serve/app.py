@@ -187,6 +187,7 @@ class Server:
             async for event in events.events(parsed.n, deadline):
                 kind = _kind(event)
                 if kind == "error":
+                    handle.cancel()  # a timeout: its rows leave at the next step
                     yield _sse(_event_error(event)[1])
                     break
                 yield _sse(answer.token_chunk(event) if kind == "token" else answer.done_chunk(event))
@@ -201,13 +202,15 @@ class Server:
     async def _whole(self, request: Request, parsed: Parsed, answer: Answer, waiting, handle):
         """Wait for every choice; poll for a client that went away meanwhile."""
         events, deadline = waiting
-        remaining = parsed.n
+        remaining, looked = parsed.n, time.monotonic()
         while remaining:
             event = await events.next(deadline, DISCONNECT_POLL_S)
-            if event is None:
+            if time.monotonic() - looked >= DISCONNECT_POLL_S:  # idle or not: tokens may keep coming
+                looked = time.monotonic()
                 if await request.is_disconnected():
                     handle.cancel()
                     return Response(status_code=499)
+            if event is None:
                 continue
             kind = _kind(event)
             if kind == "error":
