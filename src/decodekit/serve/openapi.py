@@ -100,11 +100,15 @@ COMPLETION = {"type": "object", "required": ["id", "object", "created", "model",
                              "choices": {"type": "array"}, "usage": {"type": "object"}}}
 
 
+# one server-sent event: data is a chunk's JSON, an error body's JSON, or [DONE]
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+
+
 def completion_route(body: dict) -> dict:
     """``app.post`` keyword arguments: the request body and every status."""
     ok = {"description": "the completion; with stream: true, server-sent events ending data: [DONE]",
           "content": {"application/json": {"schema": COMPLETION},
-                      "text/event-stream": {"schema": {"type": "string"}}}}
+                      "text/event-stream": {"schema": SSE_EVENT}}}
     return {"responses": {200: ok, **_errors(COMPLETION_ERRORS)},
             "openapi_extra": {"requestBody": {"required": True,
                                               "content": {"application/json": {"schema": body}}}}}
