@@ -92,7 +92,7 @@ def _stop(body: dict) -> list[str]:
 
 def _decoding(body: dict, origins: dict) -> tuple[str | None, dict]:
     """The ``decoding`` extension: ``(strategy or None, its options and processor knobs)``."""
-    decoding = body.get("decoding") or {}
+    decoding = {} if body.get("decoding") is None else body["decoding"]
     if not isinstance(decoding, dict):
         raise DecodeKitError(f"decoding must be an object such as {{\"strategy\": \"prompt_lookup\", "
                              f"\"gamma\": 5}}, got {decoding!r}")
@@ -167,9 +167,11 @@ def _common(body: dict, kind: str, model_id: str, prompt_ids: list[int], default
     stop = _stop(body)
     if stop:
         params["stop_strings"] = stop
-    stream_options = body.get("stream_options") or {}
+    stream_options = {} if body.get("stream_options") is None else body["stream_options"]
     if not isinstance(stream_options, dict):
         raise DecodeKitError(f"stream_options must be an object, got {stream_options!r}")
+    if not isinstance(stream_options.get("include_usage", False), bool):
+        raise DecodeKitError(f"stream_options.include_usage must be true or false, got {stream_options['include_usage']!r}")
     return Parsed(kind=kind, model=model_id, prompt_ids=prompt_ids, params=params,
                   n=params.get("num_return_sequences", 1), stream=bool(_field(body, "stream", bool)),
                   include_usage=bool(stream_options.get("include_usage")), stop=stop, origins=dict(origins))
