@@ -12,6 +12,7 @@ refused. Prints requests sent and failures per endpoint and mode, then the serve
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import time
 
@@ -22,6 +23,9 @@ from transformers import AutoTokenizer
 
 from decodekit.models import BUNDLED_MODELS
 from decodekit.serve.fuzz import OPERATIONS, build_fuzz_app, fuzz_operation
+
+# hypothesis raises an exception group for several distinct failures (Python >= 3.11)
+FAILURES = (Exception, getattr(builtins, "BaseExceptionGroup", Exception))
 
 
 def bundled_tokenizer():
@@ -56,7 +60,7 @@ def main() -> None:
                 try:
                     row["sent"] = fuzz_operation(schema, path, method, mode, args.examples, seed=args.seed)
                     row["failure"] = None
-                except (Exception, getattr(__builtins__, "BaseExceptionGroup", Exception)) as exc:  # reported; goes on
+                except FAILURES as exc:  # reported; the run goes on
                     row["failure"] = str(exc)[:2000]
                     failed += 1
                 print(json.dumps(row), flush=True)
