@@ -220,3 +220,14 @@ def test_completions_n2_logprobs_stop_through_openai(tiny):
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) >= 1
         assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(top) <= 2 for top in lp.top_logprobs)
     assert reply.usage.completion_tokens >= 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--timeout", "0"], "--timeout"), (["--shutdown_grace", "-1"], "--shutdown_grace"),
+    (["--max_body_bytes", "10"], "max_body_bytes"), (["--max_tokens_limit", "0"], "max_tokens_limit"),
+])
+def test_serve_flags_are_checked_before_loading(capsys, flags, message):
+    from decodekit import cli
+
+    assert cli.main(["serve", *flags]) == 2
+    assert message in capsys.readouterr().err
