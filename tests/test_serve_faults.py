@@ -133,3 +133,37 @@ def test_stop_names_its_reason(model):
     engine.submit(EngineRequest([5, 6, 7], dict(max_new_tokens=4)), col)
     engine.stop("the server is shutting down", "server_shutting_down")
     assert col.wait(5).error == "the server is shutting down"
+
+
+def test_a_lane_that_never_empties_keeps_a_bounded_cache(model, monkeypatch):
+    """Rolling requests (each joins while the one before still runs) keep one lane alive for
+    hundreds of steps; the left padding every row shares is dropped (``ModelState.compact``),
+    so the cache stays about as wide as its longest row, and every row equals offline generate."""
+    from decodekit.cache import ModelState
+
+    compactions, compact = [0], ModelState.compact
+
+    def counted(self):
+        compactions[0] += 1
+        return compact(self)
+
+    monkeypatch.setattr(ModelState, "compact", counted)
+    engine = Engine(model, None, max_batch_size=4)
+    engine.start()
+    params = dict(strategy="greedy", max_new_tokens=12, ignore_eos=True)
+    prompts = [REPEATING[i % 3][: 4 + i % 5] for i in range(30)]
+    cols, widest = [], 0
+    try:
+        for prompt in prompts:
+            cols.append(Collect())
+            engine.submit(EngineRequest(prompt, params), cols[-1])
+            cols[-1].wait_tokens(4)
+            widest = max(widest, engine.metrics()["cache_columns"])
+        for col in cols:
+            assert col.wait().error is None
+    finally:
+        engine.stop()
+    assert widest < 80, widest  # 30 x 12 steps would be > 300 columns untrimmed
+    assert compactions[0] >= 1
+    for prompt, col in zip(prompts, cols):
+        assert col.tokens[0] == decodekit.generate(model, [prompt], **params).sequences[0]

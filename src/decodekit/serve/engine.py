@@ -80,6 +80,7 @@ MIXED = ("greedy", "sample", "prompt_lookup", "ngram")  # strategies that share 
 POLICY_FIELDS = ("draft_policy", "gamma", "gamma_min", "gamma_max", "egag_ema_beta")
 MIXED_KEY_LENGTH = 2 + len(POLICY_FIELDS)  # ("mixed", *policy options, first_target); seeded keys are longer
 RATE_WINDOW_S = 10.0  # tokens_per_s: tokens emitted over the last this many seconds
+TRIM_MIN_COLUMNS = 32  # a lane's shared left padding is dropped once this wide (and >= 1/4 of it)
 
 
 # ---------------------------------------------------------------------------- interface
@@ -497,6 +498,7 @@ class Engine:
             "requests_running": counts["requests_running"] - queued,
             "queue_depth": queued,
             "batch_size": sum(lane.rows for lane in list(self._lanes.values())),
+            "cache_columns": max((lane.run.state.length for lane in list(self._lanes.values())), default=0),
             "lanes": len(self._lanes),
             "generated_tokens_total": counts["generated_tokens_total"],
             "tokens_per_s": round(recent / RATE_WINDOW_S, 3),
@@ -706,6 +708,7 @@ class Engine:
                 _step(run, lane.skip_sample_adjustment)
                 self._count_forwards(run.state.forwards - before)
                 _drop_gone(run)  # rows that failed in this step leave before anyone joins
+                _trim_padding(run)
         except Exception as exc:  # the lane's requests fail; other lanes go on
             log.exception("decoding step failed")
             self._fail_lane(key, _message(exc))
@@ -769,6 +772,18 @@ class Engine:
         logprobs = [e["logprob"] for e in entries] if entries else None
         top = [e["top_logprobs"] for e in entries] if entries else None
         job.send(TokenEvent(row, tokens, ["plain"] * len(tokens), logprobs, top))
+
+
+def _trim_padding(run: _LaneRun) -> None:
+    """Drop the columns that are left padding in every row once they pile up. A lane that
+    never empties (a busy server) would otherwise keep every column since it started: newcomers
+    are padded to its width, and its cache and attention work grow without bound."""
+    state = run.state
+    if run.req.tracker.done or state is None or not state.length:
+        return
+    lead = int((state.mask.any(0).cumsum(0) == 0).sum())  # leading columns no row uses
+    if lead >= max(TRIM_MIN_COLUMNS, state.length // 4):
+        state.compact()  # exact: positions come from the mask
 
 
 def _drop_gone(run: _LaneRun) -> None:
