@@ -48,6 +48,7 @@ from decodekit.model_info import vocab_size
 from decodekit.ngram_storage import NGramStorage
 from decodekit.outputs import RowTracker, logprob_entries
 from decodekit.serve.mixed import RowDrafters, RowProcessors
+from decodekit.serve.upkeep import drop_gone, trim_padding
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.draft_policy import (
     DraftPolicy,
@@ -80,7 +81,6 @@ MIXED = ("greedy", "sample", "prompt_lookup", "ngram")  # strategies that share 
 POLICY_FIELDS = ("draft_policy", "gamma", "gamma_min", "gamma_max", "egag_ema_beta")
 MIXED_KEY_LENGTH = 2 + len(POLICY_FIELDS)  # ("mixed", *policy options, first_target); seeded keys are longer
 RATE_WINDOW_S = 10.0  # tokens_per_s: tokens emitted over the last this many seconds
-TRIM_MIN_COLUMNS = 32  # a lane's shared left padding is dropped once this wide (and >= 1/4 of it)
 
 
 # ---------------------------------------------------------------------------- interface
@@ -702,13 +702,13 @@ class Engine:
         lane = self._lanes[key]
         run = lane.run
         try:
-            _drop_gone(run)
+            drop_gone(run)
             if not run.req.tracker.done:
                 before = run.state.forwards
                 _step(run, lane.skip_sample_adjustment)
                 self._count_forwards(run.state.forwards - before)
-                _drop_gone(run)  # rows that failed in this step leave before anyone joins
-                _trim_padding(run)
+                drop_gone(run)  # rows that failed in this step leave before anyone joins
+                trim_padding(run)
         except Exception as exc:  # the lane's requests fail; other lanes go on
             log.exception("decoding step failed")
             self._fail_lane(key, _message(exc))
@@ -772,28 +772,6 @@ class Engine:
         logprobs = [e["logprob"] for e in entries] if entries else None
         top = [e["top_logprobs"] for e in entries] if entries else None
         job.send(TokenEvent(row, tokens, ["plain"] * len(tokens), logprobs, top))
-
-
-def _trim_padding(run: _LaneRun) -> None:
-    """Drop the columns that are left padding in every row once they pile up. A lane that
-    never empties (a busy server) would otherwise keep every column since it started: newcomers
-    are padded to its width, and its cache and attention work grow without bound."""
-    state = run.state
-    if run.req.tracker.done or state is None or not state.length:
-        return
-    lead = int((state.mask.any(0).cumsum(0) == 0).sum())  # leading columns no row uses
-    if lead >= max(TRIM_MIN_COLUMNS, state.length // 4):
-        state.compact()  # exact: positions come from the mask
-
-
-def _drop_gone(run: _LaneRun) -> None:
-    """Rows of cancelled (client gone, timed out) or failed requests leave the lane."""
-    tracker = run.req.tracker
-    gone = [tracker.owner[g][0].cancelled or tracker.owner[g][0].over for g in tracker.active]
-    if any(gone):
-        for job in {id(j): j for j, _ in tracker.owner.values() if j.cancelled}.values():
-            job.close()
-        run.drop_finished(gone)
 
 
 class _Cancelled(Exception):
