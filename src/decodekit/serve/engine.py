@@ -257,6 +257,8 @@ class _LaneTracker:
             job.tracker.drop_finished([finished[i] for i in pos])
         for gid, f in zip(self.active, finished, strict=True):
             if f:
+                self.tokens.pop(gid)  # the request keeps its own lists; a long-lived lane forgets them
+                self.stats.pop(gid)
                 job, local = self.owner.pop(gid)
                 if not (job.cancelled or job.over):
                     job.finish(local)
@@ -298,6 +300,11 @@ class _LaneRun(_Run):
                 job, local = tracker.owner[gid]
                 job.tokens(local, tokens[i][:n], [KINDS[k] for k in kinds[i][:n]], scores[i, :n])
         return finished
+
+    def drop_finished(self, finished) -> None:
+        super().drop_finished(finished)
+        active = set(self.req.tracker.active)  # a long-lived lane forgets the prompts of rows that left
+        self.req._prompts = {gid: p for gid, p in self.req._prompts.items() if gid in active}
 
     def add_rows(self, other: _LaneRun) -> None:
         super().add_rows(other)
