@@ -121,6 +121,11 @@ def test_limits_are_refused_before_queueing(tiny):
         assert status == 413
         status, _, body = post(url, "/v1/chat/completions", b"[" * 4000)  # nested past json's recursion
         assert status == 400 and body["error"]["message"] == "the body must be a JSON object"
+        for decoding, param in [({"strategy": "beam", "num_beams": 10**6}, "decoding.num_beams"),
+                                ({"strategy": "sample", "num_return_sequences": 10**6}, "decoding.num_return_sequences"),
+                                ({"strategy": "eis", "top_k": 100}, "decoding.top_k")]:
+            status, _, body = post(url, "/v1/chat/completions", chat(decoding=decoding))
+            assert status == 400 and body["error"]["param"] == param, body  # one request cannot exhaust memory
         assert engine.metrics()["requests_total"] == 0  # nothing was queued
 
 

@@ -66,6 +66,7 @@ def test_openai_fields_become_generate_arguments(bundled_tokenizer):
     ({"n": 0}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"seed": -1}, "seed"),
+    ({"seed": 2**64}, "seed"),
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ({"decoding": {"strategy": "fastest"}}, "decoding.strategy"),

@@ -3,6 +3,8 @@
 * the body: at most ``max_body_bytes`` (413), read in chunks so a huge body is never held whole;
 * the prompt and ``max_tokens``: the prompt below the model's context, ``max_tokens`` at most
   ``max_tokens_limit`` (400); without ``max_tokens`` the default is cut to what fits;
+* strategy options that multiply a request's rows or work (``num_beams``, EIS' ``top_k`` and
+  ``lookahead_steps``...) at most ``WIDTH_LIMITS`` (400): one request cannot exhaust memory;
 * ``timeout``: the server's, and a request's own (the body's ``timeout``, seconds), the smaller
   wins; measured from the moment the request is queued.
 
@@ -14,12 +16,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from decodekit.serve.protocol import Parsed, error_body
+from decodekit.serve.protocol import MAX_N, Parsed, error_body
 
 __all__ = ["Limits", "LimitError", "read_body", "check_parsed", "request_timeout", "busy"]
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 20,000-word prompt is ~130 kB
 RETRY_AFTER_S = 1  # the Retry-After of a 429: a row frees in well under a second on a busy server
+# option -> (strategies it limits (None: all), the largest value a request may ask for)
+WIDTH_LIMITS = {
+    "num_return_sequences": (None, MAX_N), "num_beams": (("beam",), 16), "expansion_top_k": (("beam",), 64),
+    "top_k": (("eis",), 16), "lookahead_steps": (("eis",), 8), "block_size": (("jacobi",), 64),
+    "max_iterations": (("jacobi",), 1024), "ngram_n": (None, 16), "filler_top_k": (None, 64),
+}
 
 
 @dataclass
@@ -70,6 +78,7 @@ def _given_max_tokens(body: dict):
 def check_parsed(parsed: Parsed, body: dict, limits: Limits) -> None:
     """The prompt below the context and ``max_tokens`` within the server's limit (400 naming
     the field); a default ``max_tokens`` is cut to what fits in the context."""
+    _check_width(parsed)
     length = len(parsed.prompt_ids)
     context = limits.context
     if context is not None and length >= context:
@@ -85,6 +94,17 @@ def check_parsed(parsed: Parsed, body: dict, limits: Limits) -> None:
     if cap is not None and wanted is not None and wanted > cap:
         raise LimitError(400, f"max_tokens is {wanted}; this server allows at most {cap} "
                               "(its --max_tokens_limit)", "max_tokens")
+
+
+def _check_width(parsed: Parsed) -> None:
+    """Options that multiply a request's rows or work stay within ``WIDTH_LIMITS`` (400)."""
+    strategy = parsed.params.get("strategy")
+    for name, (strategies, cap) in WIDTH_LIMITS.items():
+        value = parsed.params.get(name)
+        applies = strategies is None or strategy in strategies
+        if applies and isinstance(value, int) and value > cap:
+            param = parsed.origins.get(name, f"decoding.{name}")
+            raise LimitError(400, f"{param} is {value}; this server allows at most {cap}", param)
 
 
 def request_timeout(body: dict, limits: Limits) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from decodekit.serve.limits import Limits
 from decodekit.serve.protocol import MAX_N, MAX_STOP, ROLES
+from decodekit.validation import MAX_SEED
 
 __all__ = ["completion_route", "get_route", "health_route", "chat_body", "completion_body", "ERROR",
            "MODELS"]
@@ -48,7 +49,7 @@ def _common(limits: Limits) -> dict:
         "max_tokens": _nullable(max_tokens),
         "temperature": _nullable({**number, "minimum": 0, "maximum": 2}),
         "top_p": _nullable({**number, "exclusiveMinimum": 0, "maximum": 1}),
-        "seed": _nullable({"type": "integer", "minimum": 0}),
+        "seed": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_SEED}),
         "stop": _nullable({"anyOf": [{"type": "string", "minLength": 1},
                                      {"type": "array", "items": {"type": "string", "minLength": 1},
                                       "maxItems": MAX_STOP}]}),

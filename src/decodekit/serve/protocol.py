@@ -23,7 +23,7 @@ from decodekit.detok import IncrementalDetokenizer
 from decodekit.io import encode_text
 from decodekit.processors import PROCESSOR_OPTIONS
 from decodekit.strategies import build_options, get_strategy
-from decodekit.validation import DecodeKitError, check_float, check_int, check_top_p
+from decodekit.validation import MAX_SEED, DecodeKitError, check_float, check_int, check_top_p
 
 __all__ = ["Parsed", "FieldError", "parse_chat", "parse_completion", "encode_chat", "error_param", "error_body",
            "Choice", "Response"]
@@ -147,7 +147,7 @@ def _params(body: dict, default_max: int, origins: dict) -> dict:
     params = dict(strategy=strategy, max_new_tokens=check_int("max_tokens", max_tokens, min_value=1),
                   **{k: v for k, v in knobs.items()}, **options, **processors)
     if seed is not None:
-        params["seed"] = check_int("seed", seed, min_value=0)
+        params["seed"] = check_int("seed", seed, min_value=0, max_value=MAX_SEED)
     return params
 
 
