@@ -123,7 +123,8 @@ def test_limits_are_refused_before_queueing(tiny):
         assert status == 400 and body["error"]["message"] == "the body must be a JSON object"
         for decoding, param in [({"strategy": "beam", "num_beams": 10**6}, "decoding.num_beams"),
                                 ({"strategy": "sample", "num_return_sequences": 10**6}, "decoding.num_return_sequences"),
-                                ({"strategy": "eis", "top_k": 100}, "decoding.top_k")]:
+                                ({"strategy": "eis", "top_k": 100}, "decoding.top_k"),
+                                ({"strategy": "speculative", "drafter": "/etc"}, "decoding.drafter")]:
             status, _, body = post(url, "/v1/chat/completions", chat(decoding=decoding))
             assert status == 400 and body["error"]["param"] == param, body  # one request cannot exhaust memory
         assert engine.metrics()["requests_total"] == 0  # nothing was queued
@@ -194,6 +195,11 @@ def test_a_failing_request_is_500_or_an_error_event(tiny, monkeypatch):
     monkeypatch.setattr(PromptLookupDrafter, "candidates", flaky)
     bad = chat(decoding={"strategy": "prompt_lookup", "ngram_n": 4})
     with serving(tiny) as (url, engine):
+        status, _, body = post(url, "/v1/chat/completions", chat(logit_bias={"5": 1e308}))
+        assert status == 400 and body["error"]["param"] == "logit_bias"
+        too_deep = chat(decoding={"strategy": "speculative", "drafter": "layers:1000"})
+        status, _, body = post(url, "/v1/chat/completions", too_deep)  # found when it starts: still a 400
+        assert status == 400 and body["error"]["type"] == "invalid_request_error" and "layers" in body["error"]["message"]
         status, _, body = post(url, "/v1/chat/completions", bad)
         assert status == 500 and body["error"]["type"] == "server_error"
         assert "drafter failed" in body["error"]["message"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import threading
 import time
 from dataclasses import replace
@@ -62,7 +63,7 @@ DEFAULT_GRACE_S = 30.0
 SHUTDOWN_TIMEOUT_S = 5.0  # after the drain: connections still open this long are closed
 # an engine ErrorEvent's code -> (HTTP status, OpenAI error type)
 ERROR_STATUS = {"timeout": (408, "timeout_error"), SHUTDOWN_CODE: (503, "server_error"),
-                "engine_stopped": (503, "server_error")}
+                "engine_stopped": (503, "server_error"), "invalid_request": (400, "invalid_request_error")}
 
 
 class EventQueue:
@@ -125,7 +126,31 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
 
 
 def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+    return f"data: {data if isinstance(data, str) else _dumps(data)}\n\n"
+
+
+def _finite(value):
+    """``value`` with non-finite floats replaced (JSON has none): +-inf -> +-9999.0 (OpenAI's
+    -9999 for an impossible token's log-probability), NaN -> None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else math.copysign(9999.0, value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps(body) -> str:
+    try:
+        return json.dumps(body, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(body))
+
+
+def _json_response(body, status: int = 200) -> Response:
+    """A JSON response whose floats are all finite."""
+    return Response(_dumps(body), status_code=status, media_type="application/json")
 
 
 class Server:
@@ -222,7 +247,7 @@ class Server:
             else:
                 answer.done_chunk(event)
                 remaining -= 1
-        return JSONResponse(answer.body())
+        return _json_response(answer.body())
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,

@@ -109,7 +109,7 @@ class DoneEvent:
 @dataclass
 class ErrorEvent:
     message: str
-    code: str = "decode_error"  # "decode_error" | "engine_stopped" | the code ``Engine.stop`` was given
+    code: str = "decode_error"  # | "invalid_request" (it could not start) | "engine_stopped" | Engine.stop's
 
 
 Event = TokenEvent | DoneEvent | ErrorEvent
@@ -627,7 +627,7 @@ class Engine:
                     self._join([job])
                 return
             log.exception("request failed to start")
-            first.fail(_message(exc))
+            first.fail(_message(exc), "invalid_request" if isinstance(exc, DecodeKitError) else "decode_error")
             return
         if run is None:  # every row finished at its first token
             return

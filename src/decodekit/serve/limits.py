@@ -5,6 +5,8 @@
   ``max_tokens_limit`` (400); without ``max_tokens`` the default is cut to what fits;
 * strategy options that multiply a request's rows or work (``num_beams``, EIS' ``top_k`` and
   ``lookahead_steps``...) at most ``WIDTH_LIMITS`` (400): one request cannot exhaust memory;
+* a request's ``drafter`` names no file: ``layers:N``, ``eagle[:NAME]`` or a bundled model
+  (the server loads nothing else from its disk on a client's word);
 * ``timeout``: the server's, and a request's own (the body's ``timeout``, seconds), the smaller
   wins; measured from the moment the request is queued.
 
@@ -14,6 +16,7 @@ Every refusal is a ``LimitError``: a status, OpenAI's error fields and the heade
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from decodekit.serve.protocol import MAX_N, Parsed, error_body
@@ -79,6 +82,7 @@ def check_parsed(parsed: Parsed, body: dict, limits: Limits) -> None:
     """The prompt below the context and ``max_tokens`` within the server's limit (400 naming
     the field); a default ``max_tokens`` is cut to what fits in the context."""
     _check_width(parsed)
+    _check_drafter(parsed.params.get("drafter"))
     length = len(parsed.prompt_ids)
     context = limits.context
     if context is not None and length >= context:
@@ -105,6 +109,19 @@ def _check_width(parsed: Parsed) -> None:
         if applies and isinstance(value, int) and value > cap:
             param = parsed.origins.get(name, f"decoding.{name}")
             raise LimitError(400, f"{param} is {value}; this server allows at most {cap}", param)
+
+
+def _check_drafter(drafter) -> None:
+    if drafter is None:
+        return
+    from decodekit.models import BUNDLED_MODELS
+
+    spec = drafter.strip().removesuffix("+prompt_lookup") if isinstance(drafter, str) else ""
+    if re.fullmatch(r"layers:\d+|eagle(:\w[\w-]*)?", spec) or spec in BUNDLED_MODELS:
+        return
+    raise LimitError(400, f"decoding.drafter must be layers:N, eagle, eagle:NAME or a bundled model "
+                          f"({', '.join(BUNDLED_MODELS)}), optionally +prompt_lookup; got {drafter!r} (a "
+                          "server loads no other model on a request's word)", "decoding.drafter")
 
 
 def request_timeout(body: dict, limits: Limits) -> float | None:

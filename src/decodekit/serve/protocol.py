@@ -153,9 +153,12 @@ def _params(body: dict, default_max: int, origins: dict) -> dict:
 
 def _logit_bias(bias: dict) -> dict:
     try:
-        return {int(k): v for k, v in bias.items()}
+        out = {int(k): v for k, v in bias.items()}
     except ValueError:
         raise DecodeKitError(f"logit_bias keys must be token ids, got {list(bias)!r}") from None
+    for value in out.values():  # OpenAI's range; larger biases overflow the scores
+        check_float("logit_bias", value, min_value=-100.0, max_value=100.0)
+    return out
 
 
 def _common(body: dict, kind: str, model_id: str, prompt_ids: list[int], default_max: int,
