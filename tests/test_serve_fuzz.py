@@ -38,11 +38,14 @@ def api_schema(fuzz_app):
     return schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
-@pytest.mark.parametrize("path, method", OPERATIONS)
+# a GET without parameters has no invalid input: valid requests only
+CASES = [(path, method, mode) for path, method in OPERATIONS
+         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+         if method == "POST" or mode == GenerationMode.POSITIVE]
+
+
+@pytest.mark.parametrize("path, method, mode", CASES, ids=[f"{m} {p} {g.value}" for p, m, g in CASES])
 def test_every_response_is_documented_and_never_5xx(api_schema, path, method, mode):
-    if method == "GET" and mode == GenerationMode.NEGATIVE:
-        pytest.skip("a GET without parameters has no invalid input")
     assert fuzz_operation(api_schema, path, method, mode, EXAMPLES, seed=27) >= 1
 
 
