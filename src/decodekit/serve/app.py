@@ -88,7 +88,7 @@ class EventQueue:
             return await asyncio.wait_for(self.queue.get(), wait)
         except asyncio.TimeoutError:
             if deadline is not None and time.monotonic() >= deadline:
-                return _timed_out(deadline)
+                return _timed_out()
             return None
 
     async def events(self, n: int, deadline: float | None = None):
@@ -108,7 +108,7 @@ def _kind(event) -> str:
     return "done" if hasattr(event, "finish_reason") else "error"
 
 
-def _timed_out(deadline: float):
+def _timed_out():
     from decodekit.serve.engine import ErrorEvent
 
     return ErrorEvent("the request timed out (its timeout, or the server's --timeout) and was cancelled",
