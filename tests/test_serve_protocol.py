@@ -67,6 +67,8 @@ def test_openai_fields_become_generate_arguments(bundled_tokenizer):
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"seed": -1}, "seed"),
     ({"seed": 2**64}, "seed"),
+    ({"temperature": 1e-300}, "temperature"),
+    ({"user": []}, "user"),
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ({"decoding": {"strategy": "fastest"}}, "decoding.strategy"),

@@ -9,7 +9,7 @@ from this schema (schemathesis). Limits (``max_tokens_limit``) are part of the s
 from __future__ import annotations
 
 from decodekit.serve.limits import Limits
-from decodekit.serve.protocol import MAX_N, MAX_STOP, ROLES
+from decodekit.serve.protocol import MAX_N, MAX_STOP, MIN_TEMPERATURE, ROLES
 from decodekit.validation import MAX_SEED
 
 __all__ = ["completion_route", "get_route", "health_route", "chat_body", "completion_body", "ERROR",
@@ -47,7 +47,7 @@ def _common(limits: Limits) -> dict:
     return {
         "model": {"type": "string"},
         "max_tokens": _nullable(max_tokens),
-        "temperature": _nullable({**number, "minimum": 0, "maximum": 2}),
+        "temperature": _nullable({"anyOf": [{"const": 0}, {**number, "minimum": MIN_TEMPERATURE, "maximum": 2}]}),
         "top_p": _nullable({**number, "exclusiveMinimum": 0, "maximum": 1}),
         "seed": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_SEED}),
         "stop": _nullable({"anyOf": [{"type": "string", "minLength": 1},
@@ -64,6 +64,8 @@ def _common(limits: Limits) -> dict:
                                "properties": {"strategy": {"type": "string"}}}),
         "timeout": _nullable({**number, "exclusiveMinimum": 0, "description": "seconds, queueing included"}),
         "user": {"type": "string"},
+        # accepted and ignored, whatever their value
+        "metadata": {}, "store": {}, "service_tier": {}, "parallel_tool_calls": {},
     }
 
 

@@ -31,6 +31,7 @@ __all__ = ["Parsed", "FieldError", "parse_chat", "parse_completion", "encode_cha
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
+MIN_TEMPERATURE = 1e-6  # a smaller temperature > 0 overflows the scaled scores (a float32 0 below 1e-45)
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
                  "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "decoding",
@@ -76,6 +77,8 @@ def _check_fields(body, allowed: set[str]) -> None:
     if unknown:
         raise FieldError(f"{unknown[0]} is not supported by this server; supported fields: "
                          f"{', '.join(sorted(allowed))}", unknown[0])
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise FieldError(f"user must be a string, got {body['user']!r}", "user")
 
 
 def _stop(body: dict) -> list[str]:
@@ -130,6 +133,8 @@ def _params(body: dict, default_max: int, origins: dict) -> dict:
             knobs[name], origins[name] = value, name
     if "temperature" in knobs:
         check_float("temperature", knobs["temperature"], min_value=0.0, max_value=2.0)
+        if 0 < knobs["temperature"] < MIN_TEMPERATURE:  # the scores would overflow to inf
+            raise DecodeKitError(f"temperature must be 0 or at least {MIN_TEMPERATURE:g}, got {knobs['temperature']!r}")
     if "top_p" in knobs:
         check_top_p(knobs["top_p"])
     strategy = _choose_strategy(strategy, knobs)
