@@ -177,8 +177,9 @@ def settle(port: int, timeout: float = 30.0) -> dict:
 
 
 # ---------------------------------------------------------------------------- the run
-def run(port: int, jobs: list[dict], args, rss) -> tuple[list[dict], int | None]:
-    """Every job through ``args.clients`` concurrent clients; the server's RSS after 50 answers."""
+def run(port: int, jobs: list[dict], args, rss) -> tuple[list[dict], dict]:
+    """Every job through ``args.clients`` concurrent clients; the server's RSS after 50 answers
+    (``rss``) and every 100 (``every_100``, MB)."""
     done, lock, first50 = [0], threading.Lock(), {}
     deadline = time.monotonic() + args.max_seconds
 
@@ -190,13 +191,15 @@ def run(port: int, jobs: list[dict], args, rss) -> tuple[list[dict], int | None]
             done[0] += 1
             if done[0] == 50:
                 first50["rss"] = rss()
+            if done[0] % 100 == 0:
+                first50.setdefault("every_100", []).append(round(rss() / 2**20, 1))
         return result
 
     with ThreadPoolExecutor(args.clients) as pool:
         results = list(pool.map(one, jobs))
     for job, result in zip(jobs, results, strict=True):
         result["job"] = job
-    return results, first50.get("rss")
+    return results, first50
 
 
 def offline_check(results: list[dict], dtype: str) -> tuple[int, list[dict]]:
@@ -278,16 +281,17 @@ def main() -> None:
         assert warm["status"] == 200, warm
         rss_start = server.memory_info().rss
         start = time.perf_counter()
-        results, rss_50 = run(port, plan(args.requests, args.max_tokens, args.seed), args,
-                              lambda: server.memory_info().rss)
+        results, samples = run(port, plan(args.requests, args.max_tokens, args.seed), args,
+                               lambda: server.memory_info().rss)
         seconds = time.perf_counter() - start
         at_end = settle(port)
-        rss_points = {"after_warm_up": rss_start, "after_50": rss_50, "end": server.memory_info().rss}
+        rss_points = {"after_warm_up": rss_start, "after_50": samples.get("rss"), "end": server.memory_info().rss}
     finally:
         proc.terminate()
         exit_code = proc.wait(timeout=120)
     checked, differ = offline_check(results, args.dtype)
     report = summarize(results, seconds, rss_points, at_end, checked, differ)
+    report["rss_mb_every_100_answers"] = samples.get("every_100", [])
     report.update(clients=args.clients, max_tokens=args.max_tokens, max_batch_size=args.max_batch_size,
                   dtype=args.dtype, server_exit_status_after_sigterm=exit_code)
     print(json.dumps(report, indent=2))
