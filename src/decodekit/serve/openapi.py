@@ -63,7 +63,7 @@ def _common(limits: Limits) -> dict:
         "decoding": _nullable({"type": "object", "description": "decodekit's extension: strategy and its options",
                                "properties": {"strategy": {"type": "string"}}}),
         "timeout": _nullable({**number, "exclusiveMinimum": 0, "description": "seconds, queueing included"}),
-        "user": {"type": "string"},
+        "user": _nullable({"type": "string"}),
         # accepted and ignored, whatever their value
         "metadata": {}, "store": {}, "service_tier": {}, "parallel_tool_calls": {},
     }
