@@ -61,7 +61,7 @@ def _common(limits: Limits) -> dict:
         "logit_bias": _nullable({"type": "object", "additionalProperties": {**number, "minimum": -100,
                                                                            "maximum": 100}}),
         "decoding": _nullable({"type": "object", "description": "decodekit's extension: strategy and its options",
-                               "properties": {"strategy": {"type": "string"}}}),
+                               "properties": {"strategy": {"type": ["string", "null"]}}}),
         "timeout": _nullable({**number, "exclusiveMinimum": 0, "description": "seconds, queueing included"}),
         "user": _nullable({"type": "string"}),
         # accepted and ignored, whatever their value
