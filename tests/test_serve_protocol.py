@@ -69,6 +69,7 @@ def test_openai_fields_become_generate_arguments(bundled_tokenizer):
     ({"seed": 2**64}, "seed"),
     ({"temperature": 1e-300}, "temperature"),
     ({"user": []}, "user"),
+    ({"max_tokens": 0, "max_completion_tokens": 5}, "max_tokens"),
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ({"decoding": {"strategy": "fastest"}}, "decoding.strategy"),

@@ -148,6 +148,8 @@ def _params(body: dict, default_max: int, origins: dict) -> dict:
     if n > 1:
         options["num_return_sequences"] = n
     build_options(strategy, options, knobs)  # the CLI's validation: unknown options named
+    if body.get("max_tokens") is not None:  # checked even when max_completion_tokens wins
+        check_int("max_tokens", body["max_tokens"], min_value=1)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
     params = dict(strategy=strategy, max_new_tokens=check_int("max_tokens", max_tokens, min_value=1),
                   **{k: v for k, v in knobs.items()}, **options, **processors)
