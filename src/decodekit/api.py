@@ -56,6 +56,7 @@ from decodekit.processors import (
 from decodekit.strategies import Strategy, build_options, get_strategy
 from decodekit.strategies.base import DecodeRequest
 from decodekit.validation import (
+    MAX_SEED,
     DecodeKitError,
     check_int,
     check_stop_strings,
@@ -344,7 +345,7 @@ def _build_request(a: SimpleNamespace) -> tuple[Strategy, object, DecodeRequest]
     check_int("max_new_tokens", a.max_new_tokens, min_value=1)
     check_min_new_tokens(knobs.get("min_new_tokens"), a.max_new_tokens)
     if a.seed is not None:
-        check_int("seed", a.seed, min_value=0)
+        check_int("seed", a.seed, min_value=0, max_value=MAX_SEED)
     _check_logprobs(chosen, a.logprobs)
     model = a.model
     ids, mask, eos_ids, pad_token_id = _inputs(model, a.input_ids, a.attention_mask, a.eos_token_id,

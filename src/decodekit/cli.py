@@ -372,6 +372,14 @@ def build_serve_parser(sub) -> argparse.ArgumentParser:
     add_flag(p, "max_batch_size", type=int, default=8, help="rows decoded together (default 8)")
     add_flag(p, "max_queue", type=int, default=64, help="requests waiting before 429 (default 64)")
     add_flag(p, "api_key", default=None, help="require Authorization: Bearer API_KEY on /v1 and /metrics")
+    add_flag(p, "max_tokens_limit", type=int, default=None,
+             help="the largest max_tokens a request may ask for (400 above; default: the model's context)")
+    add_flag(p, "max_body_bytes", type=int, default=1 << 20, help="largest request body (413 above; default 1 MiB)")
+    add_flag(p, "timeout", type=float, default=None,
+             help="seconds a request may take, queueing included (408 / an error event after; a request's "
+                  "own \"timeout\" field may ask for less; default: none)")
+    add_flag(p, "shutdown_grace", type=float, default=30.0,
+             help="on SIGTERM, seconds running requests get to finish before they are cancelled (default 30)")
     p.set_defaults(func=run_serve)
     return p
 
@@ -385,6 +393,15 @@ def _validate_serve_args(args) -> None:
     check_int("port", args.port, min_value=0, max_value=65535)
     check_int("max_batch_size", args.max_batch_size, min_value=1)
     check_int("max_queue", args.max_queue, min_value=1)
+    if args.max_tokens_limit is not None:
+        check_int("max_tokens_limit", args.max_tokens_limit, min_value=1)
+    check_int("max_body_bytes", args.max_body_bytes, min_value=1024)
+    for name in ("timeout", "shutdown_grace"):
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 and value < float("inf")):
+            raise DecodeKitError(f"--{name} must be a number of seconds >= 0, got {value}")
+    if args.timeout == 0:
+        raise DecodeKitError("--timeout must be > 0 seconds")
     if not args.host:
         raise DecodeKitError("--host must be an address such as 127.0.0.1")
     if args.api_key is not None and not args.api_key.strip():

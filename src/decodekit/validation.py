@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+
 
 class DecodeKitError(ValueError):
     """Bad input: the message names the parameter and what is allowed."""

@@ -49,6 +49,7 @@ from decodekit.model_info import vocab_size
 from decodekit.ngram_storage import NGramStorage
 from decodekit.outputs import RowTracker, logprob_entries
 from decodekit.serve.mixed import RowDrafters, RowProcessors
+from decodekit.serve.upkeep import drop_gone, trim_padding
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.draft_policy import (
     DraftPolicy,
@@ -109,6 +110,7 @@ class DoneEvent:
 @dataclass
 class ErrorEvent:
     message: str
+    code: str = "decode_error"  # | "invalid_request" (it could not start) | "engine_stopped" | Engine.stop's
 
 
 Event = TokenEvent | DoneEvent | ErrorEvent
@@ -179,8 +181,8 @@ class _Job:
         if self.rows_left <= 0:
             self.close()
 
-    def fail(self, message: str) -> None:
-        self.send(ErrorEvent(message))
+    def fail(self, message: str, code: str = "decode_error") -> None:
+        self.send(ErrorEvent(message, code))
         self.close()
 
     def close(self) -> None:
@@ -228,7 +230,13 @@ class _LaneTracker:
         finished = [False] * len(self.active)
         for job, pos in self._groups():
             sub = None if scores is None else scores[pos]
-            for i, f in zip(pos, job.tracker.push([new_tokens[i] for i in pos], sub), strict=True):
+            try:
+                done = job.tracker.push([new_tokens[i] for i in pos], sub)
+            except Exception as exc:  # its stop strings / detokenizer: that request fails alone
+                log.exception("a request's row tracker failed")
+                job.fail(_message(exc))
+                done = [True] * len(pos)
+            for i, f in zip(pos, done, strict=True):
                 finished[i] = f
         return finished
 
@@ -252,8 +260,10 @@ class _LaneTracker:
             job.tracker.drop_finished([finished[i] for i in pos])
         for gid, f in zip(self.active, finished, strict=True):
             if f:
+                self.tokens.pop(gid)  # the request keeps its own lists; a long-lived lane forgets them
+                self.stats.pop(gid)
                 job, local = self.owner.pop(gid)
-                if not job.cancelled:
+                if not (job.cancelled or job.over):
                     job.finish(local)
         keep = [i for i, f in enumerate(finished) if not f]
         self.active = [self.active[i] for i in keep]
@@ -266,6 +276,19 @@ class _LaneRun(_Run):
 
     def __init__(self, req, drafter: Drafter, policy: DraftPolicy):
         super().__init__(req, drafter, policy, trace=False)
+        for part in (req.processor, drafter):  # serve.mixed: per-row faults fail their rows only
+            if hasattr(part, "on_error"):
+                part.on_error = self.fail_rows
+
+    def fail_rows(self, positions: list[int], exc: Exception) -> None:
+        """Rows (batch positions) whose processor or drafter raised: their requests fail now
+        (no more events) and leave at the lane's next look; the other rows go on."""
+        tracker = self.req.tracker
+        jobs = {id(job): job for job, _ in (tracker.owner[tracker.active[p]] for p in positions)}
+        for job in jobs.values():
+            if not job.over:
+                log.error("request failed while decoding: %s", _message(exc), exc_info=exc)
+                job.fail(_message(exc))
 
     def remaining(self) -> Tensor:
         return torch.tensor(self.req.tracker.room())
@@ -280,6 +303,11 @@ class _LaneRun(_Run):
                 job, local = tracker.owner[gid]
                 job.tokens(local, tokens[i][:n], [KINDS[k] for k in kinds[i][:n]], scores[i, :n])
         return finished
+
+    def drop_finished(self, finished) -> None:
+        super().drop_finished(finished)
+        active = set(self.req.tracker.active)  # a long-lived lane forgets the prompts of rows that left
+        self.req._prompts = {gid: p for gid, p in self.req._prompts.items() if gid in active}
 
     def add_rows(self, other: _LaneRun) -> None:
         super().add_rows(other)
@@ -412,6 +440,7 @@ class Engine:
         self._ids = itertools.count()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._stop_reason = ("the engine stopped", "engine_stopped")
         self._counts = dict(requests_total=0, requests_running=0, generated_tokens_total=0,
                             forwards_total=0, drafted=0, accepted=0)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) over RATE_WINDOW_S
@@ -427,8 +456,9 @@ class Engine:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self) -> None:
-        """Stop both threads; requests still queued or running get an ``ErrorEvent``."""
+    def stop(self, message: str = "the engine stopped", code: str = "engine_stopped") -> None:
+        """Stop both threads; requests still queued or running get ``ErrorEvent(message, code)``."""
+        self._stop_reason = (message, code)
         self._stopping.set()
         self._solo.put(None)
         with self._cond:
@@ -437,13 +467,13 @@ class Engine:
             thread.join(timeout=30)
         self._threads = []
         for job in [*self._pending, *(j for lane in self._lanes.values() for j in lane.run.jobs())]:
-            job.fail("the engine stopped")
+            job.fail(message, code)
         self._pending.clear()
         self._lanes.clear()
         while not self._solo.empty():
             job = self._solo.get_nowait()
             if job is not None:
-                job.fail("the engine stopped")
+                job.fail(message, code)
 
     def check(self, req: EngineRequest) -> None:
         """Validate ``req`` as ``decodekit.generate`` would, without decoding (``DecodeKitError``
@@ -478,6 +508,7 @@ class Engine:
             "requests_running": counts["requests_running"] - queued,
             "queue_depth": queued,
             "batch_size": sum(lane.rows for lane in list(self._lanes.values())),
+            "cache_columns": max((lane.run.state.length for lane in list(self._lanes.values())), default=0),
             "lanes": len(self._lanes),
             "generated_tokens_total": counts["generated_tokens_total"],
             "tokens_per_s": round(recent / RATE_WINDOW_S, 3),
@@ -599,7 +630,7 @@ class Engine:
                     self._join([job])
                 return
             log.exception("request failed to start")
-            first.fail(_message(exc))
+            first.fail(_message(exc), "invalid_request" if isinstance(exc, DecodeKitError) else "decode_error")
             return
         if run is None:  # every row finished at its first token
             return
@@ -681,15 +712,13 @@ class Engine:
         lane = self._lanes[key]
         run = lane.run
         try:
-            gone = [run.req.tracker.owner[g][0].cancelled for g in run.req.tracker.active]
-            if any(gone):
-                for job in {id(j): j for j, _ in run.req.tracker.owner.values() if j.cancelled}.values():
-                    job.close()
-                run.drop_finished(gone)
+            drop_gone(run)
             if not run.req.tracker.done:
                 before = run.state.forwards
                 _step(run, lane.skip_sample_adjustment)
                 self._count_forwards(run.state.forwards - before)
+                drop_gone(run)  # rows that failed in this step leave before anyone joins
+                trim_padding(run)
         except Exception as exc:  # the lane's requests fail; other lanes go on
             log.exception("decoding step failed")
             self._fail_lane(key, _message(exc))
@@ -715,7 +744,7 @@ class Engine:
             try:
                 self._run_solo(job)
             except _Cancelled:  # its client went away, or the engine is stopping
-                job.fail("the engine stopped") if not job.cancelled else job.close()
+                job.fail(*self._stop_reason) if not job.cancelled else job.close()
             except Exception as exc:
                 log.exception("request failed")
                 job.fail(_message(exc))

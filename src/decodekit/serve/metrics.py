@@ -21,6 +21,7 @@ ENGINE_METRICS = {
     "queue_depth": ("gauge", "requests waiting for a batch slot"),
     "batch_size": ("gauge", "rows in the running batch"),
     "lanes": ("gauge", "batches decoding now (rows that can share a forward share one)"),
+    "cache_columns": ("gauge", "KV cache columns of the widest lane (prompt, generated and padding)"),
     "generated_tokens_total": ("counter", "tokens generated"),
     "forwards_total": ("counter", "model forward passes"),
     "tokens_per_s": ("gauge", "recent generation throughput, tokens per second"),

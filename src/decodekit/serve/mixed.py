@@ -60,6 +60,7 @@ class RowProcessors:
     def __init__(self, procs: list[LogitsPipeline]):
         self.procs = list(procs)
         self._groups: list[tuple[LogitsPipeline, Tensor]] | None = None  # until rows leave or join
+        self.on_error = None  # on_error(rows, exc): the rows whose processor raised (else it raises)
 
     @property
     def is_greedy(self) -> bool:
@@ -89,15 +90,27 @@ class RowProcessors:
             self._groups = [(self.procs[i], torch.tensor(_positions(keys, key))) for key, i in first.items()]
         return self._groups
 
-    def _per_group(self, x: Tensor, fn) -> Tensor:
-        """``fn(proc, rows)`` -> the rows' ``[n, ...]`` float32 result, gathered into ``[B, ...]``."""
+    def _per_group(self, x: Tensor, fn, fallback) -> Tensor:
+        """``fn(proc, rows)`` -> the rows' ``[n, ...]`` float32 result, gathered into ``[B, ...]``;
+        ``fallback(rows of x)`` stands in for a group that raised."""
         groups = self.groups()
-        if len(groups) == 1:
+        if len(groups) == 1 and self.on_error is None:
             return fn(groups[0][0], None)
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for proc, rows in groups:
-            out[rows.to(x.device)] = fn(proc, rows)
+            out[rows.to(x.device)] = self._guarded(lambda p=proc, r=rows: fn(p, r), rows,
+                                                   lambda r=rows: fallback(_take(x, r)))
         return out
+
+    def _guarded(self, compute, rows: Tensor, stand_in):
+        """``compute()``; if it raises and ``on_error`` is set, the rows fail and ``stand_in()``."""
+        try:
+            return compute()
+        except Exception as exc:
+            if self.on_error is None:
+                raise
+            self.on_error(rows.tolist(), exc)
+            return stand_in()
 
     def process_logits(self, input_ids, logits: Tensor, prompt_lengths=None, pad_lengths=None) -> Tensor:
         """``[B, V]`` or ``[B, K, V]`` logits -> each row's processed float32 logits."""
@@ -107,16 +120,19 @@ class RowProcessors:
                 return proc.process_logits(input_ids, logits, prompt_lengths, pad_lengths)
             return proc.process_logits(*(_take(t, rows) for t in (input_ids, logits, prompt_lengths, pad_lengths)))
 
-        return self._per_group(logits, one)
+        return self._per_group(logits, one, lambda rows: rows.float())
 
     def distribution(self, scores: Tensor) -> Tensor:
-        return self._per_group(scores, lambda proc, rows: proc.distribution(_take(scores, rows)))
+        return self._per_group(scores, lambda proc, rows: proc.distribution(_take(scores, rows)),
+                               lambda rows: torch.softmax(rows.float(), dim=-1))
 
     def sample(self, probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``[B, V]`` or ``[B, T, V]`` -> ``[B]`` or ``[B, T]`` token ids (groups draw in order)."""
         out = torch.empty(probs.shape[:-1], dtype=torch.long, device=probs.device)
         for proc, rows in self.groups():
-            out[rows.to(probs.device)] = proc.sample(probs[rows.to(probs.device)], generator=generator)
+            own = probs[rows.to(probs.device)]
+            out[rows.to(probs.device)] = self._guarded(lambda p=proc, o=own: p.sample(o, generator=generator),
+                                                       rows, lambda o=own: o.argmax(-1))
         return out
 
     def select_rows(self, keep: list[int]) -> None:
@@ -149,6 +165,12 @@ class RowDrafters(Drafter):
     def __init__(self, kind, drafter: Drafter, rows: int):
         self.subs: dict = {kind: drafter}
         self.kinds: list = [kind] * rows
+        self.on_error = None  # on_error(rows, exc): the rows whose sub-drafter raised (else it raises)
+
+    def _failed(self, pos: list[int], exc: Exception) -> None:
+        if self.on_error is None:
+            raise exc
+        self.on_error(pos, exc)
 
     def prefill(self, req) -> None:
         """Each sub-drafter is prefilled with its own rows of ``req``."""
@@ -168,7 +190,11 @@ class RowDrafters(Drafter):
         evidence, parts = [0] * bsz, []
         for kind, sub in self.subs.items():
             pos = _positions(self.kinds, kind)
-            draft = sub.propose([rows[i] for i in pos], k)
+            try:
+                draft = sub.propose([rows[i] for i in pos], k)
+            except Exception as exc:  # these rows draft nothing this step; their requests fail
+                self._failed(pos, exc)
+                continue
             index = torch.tensor(pos)
             width = min(draft.k, k)
             tokens[index, :width] = draft.tokens[:, :width].cpu()
@@ -183,8 +209,11 @@ class RowDrafters(Drafter):
             rows = torch.tensor(_positions(self.kinds, kind))
             part = Draft(_take(draft.tokens, rows), _take(draft.drafted, rows), _take(draft.q, rows),
                          None if draft.evidence is None else [draft.evidence[i] for i in rows.tolist()])
-            sub.update(part, VerifyResult(_take(result.accepted, rows), _take(result.next_tokens, rows)),
-                       _take(p, rows))
+            try:
+                sub.update(part, VerifyResult(_take(result.accepted, rows), _take(result.next_tokens, rows)),
+                           _take(p, rows))
+            except Exception as exc:
+                self._failed(rows.tolist(), exc)
 
     def select_rows(self, index: Tensor) -> None:
         keep = index.tolist()

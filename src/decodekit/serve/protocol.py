@@ -23,7 +23,7 @@ from decodekit.detok import IncrementalDetokenizer
 from decodekit.io import encode_text
 from decodekit.processors import PROCESSOR_OPTIONS
 from decodekit.strategies import build_options, get_strategy
-from decodekit.validation import DecodeKitError, check_float, check_int, check_top_p
+from decodekit.validation import MAX_SEED, DecodeKitError, check_float, check_int, check_top_p
 
 __all__ = ["Parsed", "FieldError", "parse_chat", "parse_completion", "encode_chat", "error_param", "error_body",
            "Choice", "Response"]
@@ -31,12 +31,13 @@ __all__ = ["Parsed", "FieldError", "parse_chat", "parse_completion", "encode_cha
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
+MIN_TEMPERATURE = 1e-6  # a smaller temperature > 0 overflows the scaled scores (a float32 0 below 1e-45)
 IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choices",
           "guided_grammar": "grammar"}  # vLLM's structured-output fields -> generate's
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
                  "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "decoding",
-                 "response_format", *GUIDED}
+                 "response_format", *GUIDED, "timeout"}  # timeout: seconds, checked by serve.limits
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 TEXT_FIELDS = COMMON_FIELDS | {"prompt", "logprobs"}
 SAMPLING = ("temperature", "top_k", "top_p")
@@ -78,6 +79,8 @@ def _check_fields(body, allowed: set[str]) -> None:
     if unknown:
         raise FieldError(f"{unknown[0]} is not supported by this server; supported fields: "
                          f"{', '.join(sorted(allowed))}", unknown[0])
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise FieldError(f"user must be a string, got {body['user']!r}", "user")
 
 
 def _stop(body: dict) -> list[str]:
@@ -94,7 +97,7 @@ def _stop(body: dict) -> list[str]:
 
 def _decoding(body: dict, origins: dict) -> tuple[str | None, dict]:
     """The ``decoding`` extension: ``(strategy or None, its options and processor knobs)``."""
-    decoding = body.get("decoding") or {}
+    decoding = {} if body.get("decoding") is None else body["decoding"]
     if not isinstance(decoding, dict):
         raise DecodeKitError(f"decoding must be an object such as {{\"strategy\": \"prompt_lookup\", "
                              f"\"gamma\": 5}}, got {decoding!r}")
@@ -132,6 +135,8 @@ def _params(body: dict, default_max: int, origins: dict) -> dict:
             knobs[name], origins[name] = value, name
     if "temperature" in knobs:
         check_float("temperature", knobs["temperature"], min_value=0.0, max_value=2.0)
+        if 0 < knobs["temperature"] < MIN_TEMPERATURE:  # the scores would overflow to inf
+            raise DecodeKitError(f"temperature must be 0 or at least {MIN_TEMPERATURE:g}, got {knobs['temperature']!r}")
     if "top_p" in knobs:
         check_top_p(knobs["top_p"])
     strategy = _choose_strategy(strategy, knobs)
@@ -145,11 +150,13 @@ def _params(body: dict, default_max: int, origins: dict) -> dict:
     if n > 1:
         options["num_return_sequences"] = n
     build_options(strategy, options, knobs)  # the CLI's validation: unknown options named
+    if body.get("max_tokens") is not None:  # checked even when max_completion_tokens wins
+        check_int("max_tokens", body["max_tokens"], min_value=1)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
     params = dict(strategy=strategy, max_new_tokens=check_int("max_tokens", max_tokens, min_value=1),
                   **{k: v for k, v in knobs.items()}, **options, **processors)
     if seed is not None:
-        params["seed"] = check_int("seed", seed, min_value=0)
+        params["seed"] = check_int("seed", seed, min_value=0, max_value=MAX_SEED)
     return params
 
 
@@ -190,9 +197,12 @@ def _constraint(body: dict, origins: dict) -> dict:
 
 def _logit_bias(bias: dict) -> dict:
     try:
-        return {int(k): v for k, v in bias.items()}
+        out = {int(k): v for k, v in bias.items()}
     except ValueError:
         raise DecodeKitError(f"logit_bias keys must be token ids, got {list(bias)!r}") from None
+    for value in out.values():  # OpenAI's range; larger biases overflow the scores
+        check_float("logit_bias", value, min_value=-100.0, max_value=100.0)
+    return out
 
 
 def _common(body: dict, kind: str, model_id: str, prompt_ids: list[int], default_max: int,
@@ -205,9 +215,11 @@ def _common(body: dict, kind: str, model_id: str, prompt_ids: list[int], default
     stop = _stop(body)
     if stop:
         params["stop_strings"] = stop
-    stream_options = body.get("stream_options") or {}
+    stream_options = {} if body.get("stream_options") is None else body["stream_options"]
     if not isinstance(stream_options, dict):
         raise DecodeKitError(f"stream_options must be an object, got {stream_options!r}")
+    if not isinstance(stream_options.get("include_usage", False), bool):
+        raise DecodeKitError(f"stream_options.include_usage must be true or false, got {stream_options['include_usage']!r}")
     return Parsed(kind=kind, model=model_id, prompt_ids=prompt_ids, params=params,
                   n=params.get("num_return_sequences", 1), stream=bool(_field(body, "stream", bool)),
                   include_usage=bool(stream_options.get("include_usage")), stop=stop, origins=dict(origins))
