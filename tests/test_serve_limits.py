@@ -242,3 +242,12 @@ def test_serve_flags_are_checked_before_loading(capsys, flags, message):
 
     assert cli.main(["serve", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch):
+    from decodekit.serve.limits import cap_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert cap_malloc_arenas() is False  # the user's choice stands
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert cap_malloc_arenas() is True  # glibc (this project's Linux machines) takes the cap

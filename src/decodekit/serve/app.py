@@ -39,6 +39,7 @@ from decodekit.serve.limits import (
     LimitError,
     Limits,
     busy,
+    cap_malloc_arenas,
     check_parsed,
     read_body,
     request_timeout,
@@ -393,6 +394,7 @@ def run(args) -> int:
     from decodekit.models import DEFAULT_MODEL, default_dtype_note, load_model
     from decodekit.serve.engine import Engine
 
+    cap_malloc_arenas()  # before any thread starts: RSS stays flat under a long soak
     if args.dtype is None:
         print(f"decodekit serve: {default_dtype_note(args.device)}", flush=True)
     model, tokenizer = load_model(args.model_path, dtype=args.dtype, device=args.device,

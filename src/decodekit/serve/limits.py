@@ -8,20 +8,25 @@
 * a request's ``drafter`` names no file: ``layers:N``, ``eagle[:NAME]`` or a bundled model
   (the server loads nothing else from its disk on a client's word);
 * ``timeout``: the server's, and a request's own (the body's ``timeout``, seconds), the smaller
-  wins; measured from the moment the request is queued.
+  wins; measured from the moment the request is queued;
+* the process's memory: ``cap_malloc_arenas`` keeps glibc from giving each of the request
+  threads its own allocator arena (RSS grew 11-13% over a soak without it, 7% with two).
 
 Every refusal is a ``LimitError``: a status, OpenAI's error fields and the headers to send.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
+import os
 import re
 from dataclasses import dataclass
 
 from decodekit.serve.protocol import MAX_N, Parsed, error_body
 
-__all__ = ["Limits", "LimitError", "read_body", "check_parsed", "request_timeout", "busy"]
+__all__ = ["Limits", "LimitError", "read_body", "check_parsed", "request_timeout", "busy", "cap_malloc_arenas"]
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 20,000-word prompt is ~130 kB
 RETRY_AFTER_S = 1  # the Retry-After of a 429: a row frees in well under a second on a busy server
@@ -139,3 +144,19 @@ def busy(reason: str, limits: Limits) -> LimitError:
     """The 429 of a full queue, with ``Retry-After``."""
     return LimitError(429, f"the server is busy ({reason}); retry later", kind="rate_limit_error",
                       code="queue_full", headers={"Retry-After": str(limits.retry_after)})
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def cap_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (what ``MALLOC_ARENA_MAX`` does), unless the user set that
+    variable; call before the server's threads start. False where there is no glibc."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_ARENA_MAX, arenas))
+    except OSError:
+        return False
