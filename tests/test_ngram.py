@@ -184,12 +184,15 @@ def real_prompts():
 
 @pytest.mark.slow
 def test_real_model_greedy_identical_batch4(real_model, real_prompts):
-    """Both strategies on 20 prompts (12 chat + 8 grounded), 4 rows per batch."""
+    """Both strategies on 8 prompts (4 chat + the four grounded tasks), 4 rows per batch.
+
+    The tiny-model tests cover the batch mechanics; these rows check the real model's drafts.
+    """
     model, tokenizer = real_model
-    assert len(real_prompts) >= 20
+    prompts = real_prompts[:4] + real_prompts[12:16]
     drafted = {"ngram": 0, "prompt_lookup": 0}
-    for start in range(0, len(real_prompts), 4):
-        batch = real_prompts[start : start + 4]
+    for start in range(0, len(prompts), 4):
+        batch = prompts[start : start + 4]
         ids, mask = chat_batch(tokenizer, batch)
         ref = decodekit.generate(model, ids, mask, strategy="greedy", max_new_tokens=32)
         for strategy in drafted:

@@ -90,9 +90,9 @@ def run(args) -> int:
     if writer is not None and not writer.pending():
         print(f"all {len(prompts)} prompts already have results in {args.output_file}", file=sys.stderr)
         return 0
-    print(f"decodekit: {default_dtype_note(args.device)}", file=sys.stderr)
     model, tokenizer = load_model(args.model_path, device=args.device, trust_remote_code=args.trust_remote_code)
     _check_prompt_lengths(tokenizer, prompts, args.use_chat_template, args.max_length)
+    print(f"decodekit: {default_dtype_note(args.device)}", file=sys.stderr)  # after the checks: errors stay one line
     records = generate_prompts(model, tokenizer, prompts, args, kwargs, args.debug, writer)
     print_records(records, args.max_display)
     tokens = sum(r["response_length"] for r in records)
