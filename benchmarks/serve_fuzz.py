@@ -1,12 +1,13 @@
 """A longer schemathesis run against ``decodekit serve``'s OpenAPI schema than the test's
 (``tests/test_serve_fuzz.py``): in-process ASGI, a tiny random Llama with the bundled tokenizer.
 
-    python benchmarks/serve_fuzz.py --examples 400 --seed 1
+    python benchmarks/serve_fuzz.py --examples 400 --seed 1 [--output_dir DIR]
 
 For every endpoint, valid bodies (and invalid ones for the POST endpoints), each checked: no
 5xx, a documented status, content type and body (errors in OpenAI's shape), invalid bodies
 refused. Prints requests sent and failures per endpoint and mode, then the server's state
-(running requests, queue) at the end; exits 1 on any failure.
+(running requests, queue) at the end; exits 1 on any failure. With ``--output_dir`` the run
+is also written to ``DIR/report.md`` and ``DIR/results.json`` (``reports.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 
 import schemathesis
 from fastapi.testclient import TestClient
+from reports import check_output_dir, write_report  # same directory
 from schemathesis import GenerationMode
 from transformers import AutoTokenizer
 
@@ -48,7 +50,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=400, help="per endpoint and mode")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--output_dir", default=None, help="write report.md and results.json here (a new directory)")
     args = parser.parse_args()
+    out_dir = check_output_dir(parser, args.output_dir)
     app, engine = build_fuzz_app(bundled_tokenizer())
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     results, failed, start = [], 0, time.perf_counter()
@@ -73,6 +77,14 @@ def main() -> None:
               "seconds": round(time.perf_counter() - start, 1),
               "at_end": {k: health.get(k) for k in ("running_requests", "queue_length", "running_rows")}}
     print(json.dumps(report, indent=2))
+    if out_dir is not None:
+        table = ["| endpoint | mode | requests | failure |", "|---|---|---:|---|",
+                 *(f"| {r['endpoint']} | {r['mode']} | {r.get('sent', '–')} | {(r['failure'] or 'none').splitlines()[0].replace('|', '/')} |"
+                   for r in results),
+                 "", f"{report['requests_sent']} requests, {failed} failures, {report['seconds']} s; "
+                 f"at the end: {report['at_end']}"]
+        write_report(out_dir, f"Schema fuzzing of decodekit serve ({args.examples} examples per endpoint and mode)",
+                     table, {"report": report, "rows": results})
     if failed:
         raise SystemExit(1)
 

@@ -1,7 +1,7 @@
 """Soak test of ``decodekit serve`` on loopback: a real server process, many clients, hostile
 ones among them. Bounded in requests and in time; every connection is to 127.0.0.1.
 
-    python benchmarks/serve_soak.py --clients 64 --requests 400 --max_tokens 16
+    python benchmarks/serve_soak.py --clients 64 --requests 400 --max_tokens 16 [--output_dir DIR]
 
 Mixed strategies (greedy, prompt_lookup, ngram, sample, beam) and options (n=2, logprobs, stop,
 streams); about 10% of the streams are abandoned after their first events, 5% of the bodies are
@@ -10,7 +10,9 @@ completed requests, completion tokens/s, responses by status, hangs (no answer w
 ``--request_timeout``), every completed lossless reply (greedy, prompt_lookup, ngram) compared
 with offline ``decodekit.generate``, the server's RSS (after warm-up, after the first 50
 requests, at the end) and its running rows and queue at the end. Exits 1 if a check fails: a
-5xx, a hang, a differing lossless reply, rows or queue left, RSS growth >= 10%.
+5xx, a hang, a differing lossless reply, rows or queue left, RSS growth >= 10%. With
+``--output_dir`` the run is also written to ``DIR/report.md`` and ``DIR/results.json`` (with
+its date, CPU model and command; ``reports.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
-from serve_load import LOSSLESS, PROMPTS  # same directory
+from reports import check_output_dir, write_report  # same directory
+from serve_load import LOSSLESS, PROMPTS
 
 import decodekit as dk
 
@@ -260,6 +263,28 @@ def failures(report: dict) -> list[str]:
     return out
 
 
+def report_lines(report: dict, problems: list[str]) -> list[str]:
+    """The soak's table for report.md."""
+    rss = report["rss_mb"]
+    growth = f"{rss['end'] / rss['after_50'] - 1:+.1%}" if rss["after_50"] else "–"
+    rows = [("requests / completed", f"{report['requests']} / {report['completed']}"),
+            ("responses by kind:status", ", ".join(f"{k} {v}" for k, v in report["responses"].items())),
+            ("5xx / hangs", f"{report['5xx']} / {report['hangs']}"),
+            ("error bodies in OpenAI's shape", report["error_bodies_in_openai_shape"]),
+            ("lossless replies equal to offline generate",
+             f"{report['lossless_replies_checked'] - len(report['lossless_replies_differing'])}"
+             f"/{report['lossless_replies_checked']}"),
+            ("latency of completed requests", f"p50 {report['latency_s']['p50']} s, p99 {report['latency_s']['p99']} s"),
+            ("completion tokens/s", str(report["tokens_per_s"])),
+            ("running requests / queue / rows at the end", " / ".join(map(str, report["at_end"].values()))),
+            ("server RSS (MB)", f"{rss['after_warm_up']} after warm-up, {rss['after_50']} after 50 answers, "
+                                f"{rss['end']} at the end: {growth}"),
+            ("RSS every 100 answers (MB)", ", ".join(map(str, report["rss_mb_every_100_answers"])) or "–"),
+            ("exit status after SIGTERM", str(report["server_exit_status_after_sigterm"])),
+            ("checks", "; ".join(problems) or "all passed")]
+    return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
@@ -272,7 +297,9 @@ def main() -> None:
     parser.add_argument("--request_timeout", type=float, default=600.0, help="seconds before a request is a hang")
     parser.add_argument("--max_seconds", type=float, default=1800.0, help="no new request after this")
     parser.add_argument("--server_log", default=os.devnull)
+    parser.add_argument("--output_dir", default=None, help="write report.md and results.json here (a new directory)")
     args = parser.parse_args()
+    out_dir = check_output_dir(parser, args.output_dir)
     proc, port = start_server(args)
     server = psutil.Process(proc.pid)
     try:
@@ -296,6 +323,9 @@ def main() -> None:
                   dtype=args.dtype, server_exit_status_after_sigterm=exit_code)
     print(json.dumps(report, indent=2))
     problems = failures(report) + ([f"exit status {exit_code} after SIGTERM"] if exit_code else [])
+    if out_dir is not None:
+        write_report(out_dir, f"Soak of decodekit serve ({args.requests} requests, {args.clients} clients)",
+                     report_lines(report, problems), {"report": report, "problems": problems})
     if problems:
         raise SystemExit("; ".join(problems))
 

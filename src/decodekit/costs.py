@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["CostCurve", "VerifyCost", "forward_cost_curve", "batch_bucket", "calibration_key",
-           "calibration_file", "GRID", "CURVES", "model_key", "monotone", "measure_forwards"]
+           "calibration_file", "cpu_model", "GRID", "CURVES", "model_key", "monotone", "measure_forwards"]
 
 GRID = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
 CONTEXT = 64  # tokens of context before the timed forwards
@@ -75,7 +75,8 @@ def model_key(model) -> tuple:
             getattr(model, "decodekit_backend", "torch"), device, 0 if name else id(model))
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
@@ -90,7 +91,7 @@ def calibration_key(model, batch: int) -> dict | None:
     if key[-1]:
         return None
     capability = torch.backends.cpu.get_cpu_capability()
-    return {"cpu": _cpu_model(), "capability": capability, "torch": torch.__version__,
+    return {"cpu": cpu_model(), "capability": capability, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "model": [str(k) for k in key], "batch": batch,
             "context": CONTEXT}
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
+
+from decodekit.costs import cpu_model
 
 __all__ = ["machine_card", "card_items", "format_card", "memory_bandwidth", "weight_bytes", "sync"]
 
@@ -20,16 +21,6 @@ def sync(device: str) -> None:
     """Wait for the device's queued work (CUDA); a no-op on the CPU."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def weight_bytes(model) -> int:
@@ -63,7 +54,7 @@ def machine_card(models: dict, device: str, model_name: str) -> dict:
     bandwidth = memory_bandwidth(device)
     first = next(iter(models.values()))
     card = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_model() or platform.machine(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
