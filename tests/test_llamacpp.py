@@ -227,7 +227,7 @@ def test_requantized_gguf_is_made_once_and_equals_llama_cpps_own_greedy(gguf, tm
     (dict(n_ctx=4096), "n_ctx: options of backend 'llama.cpp' only"),
 ])
 def test_bad_backend_combinations_fail_in_one_line_before_loading(monkeypatch, kwargs, match):
-    monkeypatch.setattr("decodekit.models._local_dir", lambda *a: pytest.fail("touched the model"))
+    monkeypatch.setattr("decodekit.models.local_model_dir", lambda *a: pytest.fail("touched the model"))
     with pytest.raises(DecodeKitError, match=match) as err:
         decodekit.load_model("smollm2-135m-instruct", **kwargs)
     assert "\n" not in str(err.value)

@@ -133,7 +133,7 @@ def test_lossless_strategies_equal_greedy_on_int4_bf16(strategy, options):
 ])
 def test_bad_dtypes_fail_in_one_line_before_loading(monkeypatch, kwargs, match):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # reach the kernel's device rule
-    monkeypatch.setattr("decodekit.models._local_dir", lambda *a: pytest.fail("touched the model"))
+    monkeypatch.setattr("decodekit.models.local_model_dir", lambda *a: pytest.fail("touched the model"))
     with pytest.raises(DecodeKitError, match=match) as err:
         decodekit.load_model("smollm2-135m-instruct", **kwargs)
     assert "\n" not in str(err.value)

@@ -15,6 +15,7 @@ import logging
 import math
 import sys
 
+from decodekit.flags import add_flag
 from decodekit.validation import (
     DecodeKitError,
     check_choice,
@@ -25,15 +26,6 @@ from decodekit.validation import (
 )
 
 log = logging.getLogger("decodekit")
-
-def add_flag(parser, name: str, **kwargs):
-    """Add ``--name`` and its dashed spelling ``--na-me`` for the same option."""
-    spellings = [f"--{name}"]
-    if "_" in name:
-        spellings.append(f"--{name.replace('_', '-')}")
-    kwargs.setdefault("dest", name)
-    return parser.add_argument(*spellings, **kwargs)
-
 
 def add_model_flags(parser) -> None:
     add_flag(parser, "model_path", default=None,
@@ -295,8 +287,8 @@ def _validate_model_args(args) -> None:
     resolve_device(args.device)
     check_model_spec(args.model_path, param="model_path")
     drafter = getattr(args, "drafter", None)
+    from decodekit.strategies.drafters import is_eagle_spec
     from decodekit.strategies.hybrid import split_hybrid
-    from decodekit.strategies.speculative import is_eagle_spec
 
     drafter = split_hybrid(drafter)[0]  # X+prompt_lookup: X is checked
 

@@ -380,7 +380,7 @@ def load_prompt_schemas(prompts_file: str | None) -> list | None:
 
 def add_constraint_flags(parser) -> None:
     """``decodekit generate``'s structured-output flags (one of them at most)."""
-    from decodekit.cli import add_flag
+    from decodekit.flags import add_flag
 
     group = parser.add_argument_group("structured output (one of)")
     add_flag(group, "json_schema", default=None, help="JSON Schema the output must follow: a file or JSON text")

@@ -102,7 +102,7 @@ def calibration_file(key: dict) -> Path | None:
     if folder == "0":
         return None
     if not folder:
-        from decodekit.models import cache_dir
+        from decodekit.paths import cache_dir
 
         folder = cache_dir() / "cost_curves"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed's flags (``decodekit refine`` mounts them too)."""
-    from decodekit.cli import add_flag, add_results_flags
+    from decodekit.cli import add_results_flags
+    from decodekit.flags import add_flag
 
     add_flag(parser, "model_path", default=None,
              help="HF model dir, .gguf file or bundled model name (default: smollm2-135m-instruct)")

