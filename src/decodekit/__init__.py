@@ -68,11 +68,11 @@ from decodekit.seed import (
 from decodekit.serve.engine import Engine, EngineRequest
 from decodekit.strategies import STRATEGIES
 from decodekit.strategies.beam import format_beam_trace
+from decodekit.strategies.drafting import Draft, Drafter
 from decodekit.strategies.eagle import EagleDrafter, EagleHead, load_head
 from decodekit.strategies.eis import format_eis_trace
 from decodekit.strategies.ngram import AcceptanceGate, NgramDrafter, PromptLookupDrafter
 from decodekit.strategies.refine import decode_jacobi, decode_refine, format_refine_trace
-from decodekit.strategies.speculative import Draft, Drafter
 from decodekit.strategies.verify import max_fn
 from decodekit.validation import DecodeKitError
 

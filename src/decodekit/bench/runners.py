@@ -224,7 +224,7 @@ def _cut_at_eos(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
 def _drafter_model(model, drafter: str):
     """The drafter as a model object, for transformers' ``assistant_model``."""
     if drafter.startswith("layers:"):
-        from decodekit.strategies.speculative import early_exit_model
+        from decodekit.strategies.drafters import early_exit_model
 
         view = early_exit_model(model, int(drafter.split(":", 1)[1]))
     else:

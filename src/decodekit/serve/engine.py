@@ -4,8 +4,8 @@ A request (``EngineRequest``: prompt ids + ``decodekit.generate``'s keyword argu
 validated by ``check`` exactly as ``generate`` validates (``api.build_request``), then queued.
 
 * **Lanes.** Requests that can share a batch share a *lane*: one running
-  ``speculative._Run``, the loop every speculative strategy uses, stepped with
-  ``speculative._step`` (greedy and sample are the same loop with a drafter that never
+  ``DecodeSession`` (``strategies/session.py``), the loop every speculative strategy uses,
+  stepped with ``session.step()`` (greedy and sample are the same loop with a drafter that never
   drafts). Strategies greedy, sample, prompt_lookup and ngram share one *mixed* lane
   (``serve.mixed``: each row keeps its own processor and drafter) when their draft-length
   options agree (greedy and sample rows take the drafting strategies' defaults);
@@ -13,7 +13,7 @@ validated by ``check`` exactly as ``generate`` validates (``api.build_request``)
   (``max_new_tokens``, ``stop_strings``, ``logprobs``, ``num_return_sequences``) may
   differ inside a lane. The engine thread steps each lane in
   turn (round robin); between steps queued requests join: each is prefilled on its own
-  (``speculative._begin``) and merged into its lane (``_Run.add_rows``: target cache,
+  (``session.begin()``) and merged into its lane (``DecodeSession.add_rows``: target cache,
   drafter and draft-length policy rows); finished and cancelled rows leave.
 * **Sampling with a seed** runs in a lane of its own (its ``torch.Generator`` is then drawn
   only for its rows, so the output never depends on batch neighbours). Unseeded sampling
@@ -57,15 +57,10 @@ from decodekit.strategies.draft_policy import (
     forward_cost_curve,
     make_policy,
 )
+from decodekit.strategies.drafters import ModelDrafter, resolve_drafter
+from decodekit.strategies.drafting import Drafter
 from decodekit.strategies.ngram import NgramDrafter, PromptLookupDrafter, PromptLookupOptions
-from decodekit.strategies.speculative import (
-    Drafter,
-    ModelDrafter,
-    _begin,
-    _Run,
-    _step,
-    resolve_drafter,
-)
+from decodekit.strategies.session import DecodeSession
 from decodekit.validation import DecodeKitError
 
 __all__ = ["Engine", "EngineRequest", "Handle", "TokenEvent", "DoneEvent", "ErrorEvent", "QueueFull",
@@ -270,8 +265,8 @@ class _LaneTracker:
         return torch.tensor(keep, dtype=torch.long)
 
 
-class _LaneRun(_Run):
-    """A speculative ``_Run`` whose rows come from several requests: per-row budgets, token
+class _LaneRun(DecodeSession):
+    """A ``DecodeSession`` whose rows come from several requests: per-row budgets, token
     events with their kinds and log-probabilities, and rows that join between steps."""
 
     def __init__(self, req, drafter: Drafter, policy: DraftPolicy):
@@ -668,7 +663,7 @@ class Engine:
             policy = job.opts.policy() if hasattr(job.opts, "policy") else DraftPolicy(gamma=0)
             policy.check(drafter)
         run = _LaneRun(req, drafter, policy)
-        _begin(run, self._first_target(job))
+        run.begin(self._first_target(job))
         self._count_forwards(run.state.forwards)
         if req.tracker.done:
             return None, None
@@ -715,7 +710,7 @@ class Engine:
             drop_gone(run)
             if not run.req.tracker.done:
                 before = run.state.forwards
-                _step(run, lane.skip_sample_adjustment)
+                run.step(lane.skip_sample_adjustment)
                 self._count_forwards(run.state.forwards - before)
                 drop_gone(run)  # rows that failed in this step leave before anyone joins
                 trim_padding(run)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from decodekit.processors import LogitsPipeline
-from decodekit.strategies.speculative import Draft, Drafter
+from decodekit.strategies.drafting import Draft, Drafter
 from decodekit.strategies.verify import VerifyResult
 
 __all__ = ["RowProcessors", "RowDrafters"]

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from decodekit.cache import ModelState, left_pad
 from decodekit.model_info import vocab_size
 from decodekit.strategies.base import DecodeRequest
-from decodekit.strategies.speculative import Draft, Drafter, chain_draft, draw_draft, maybe_compact
+from decodekit.strategies.drafting import Draft, Drafter, chain_draft, draw_draft, maybe_compact
 from decodekit.strategies.verify import VerifyResult
 from decodekit.validation import DecodeKitError
 

@@ -87,7 +87,7 @@ class EisOptions(Options):
 
 
 # ---------------------------------------------------------------------- scoring
-class _Scorer:
+class RolloutScorer:
     """The scoring distribution and how rollouts pick their tokens."""
 
     def __init__(self, temperature: float, top_p: float, greedy: bool, generator, eos_ids):
@@ -113,7 +113,7 @@ class _Scorer:
         return torch.isin(tokens, self.eos.to(tokens.device))
 
 
-def rollout(state: ModelState, logits: Tensor, alive: Tensor, steps: int, discount: float, scorer: _Scorer):
+def rollout(state: ModelState, logits: Tensor, alive: Tensor, steps: int, discount: float, scorer: RolloutScorer):
     """Roll ``N`` rows forward ``steps`` tokens from ``logits [N, V]`` (the next-token
     logits after each row's last token); returns the discounted sum
     ``sum_t discount^t log p(c_t | ...)`` ``[N]`` and the number of model calls made
@@ -135,7 +135,7 @@ def rollout(state: ModelState, logits: Tensor, alive: Tensor, steps: int, discou
     return future, state.forwards - forwards_before
 
 
-def eis_step(state: ModelState, logits: Tensor, top_k: int, steps: int, discount: float, scorer: _Scorer):
+def eis_step(state: ModelState, logits: Tensor, top_k: int, steps: int, discount: float, scorer: RolloutScorer):
     """One EIS step for ``B`` rows with next-token ``logits [B, V]``.
 
     Returns ``(chosen [B], state, next_logits [B, V], info)``: the new state holds
@@ -203,7 +203,7 @@ def decode(req: DecodeRequest, opts: EisOptions):
     temperature, top_p = opts.scoring(vocab_size(req.model))
     if not req.processor.is_greedy:
         raise DecodeKitError("strategy 'eis' takes temperature/top_k/top_p, not a logits_processor")
-    scorer = _Scorer(temperature, top_p, opts.rollout_mode == "greedy", req.generator, req.eos_token_ids)
+    scorer = RolloutScorer(temperature, top_p, opts.rollout_mode == "greedy", req.generator, req.eos_token_ids)
     tracker = req.tracker
     state, logits = ModelState.prefill(req.model, req.input_ids, req.attention_mask, use_cache=req.use_cache)
     logits = logits[:, -1]  # [B, V]

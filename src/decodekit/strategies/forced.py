@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from decodekit.constraints import GrammarConstraint
 from decodekit.processors import LogitsPipeline
 from decodekit.strategies.base import DecodeRequest
-from decodekit.strategies.speculative import Draft, Drafter
+from decodekit.strategies.drafting import Draft, Drafter
 from decodekit.strategies.verify import VerifyResult
 
 __all__ = ["ForcedDrafter", "with_forced_drafts"]

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from decodekit.strategies.base import DecodeRequest
+from decodekit.strategies.drafting import Draft, Drafter
 from decodekit.strategies.ngram import PromptLookupDrafter
-from decodekit.strategies.speculative import Draft, Drafter
 from decodekit.strategies.verify import VerifyResult
 
 __all__ = ["HybridDrafter", "HYBRID_SUFFIX", "split_hybrid"]

@@ -38,9 +38,10 @@ from decodekit.ngram_storage import INgramStorage, NGramStorage, update_many
 from decodekit.outputs import GenerationOutput
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.draft_policy import POLICIES, AcceptanceGate, DraftOptions
+from decodekit.strategies.drafting import Draft, Drafter
 from decodekit.strategies.forced import with_forced_drafts
 from decodekit.strategies.options import option
-from decodekit.strategies.speculative import Draft, Drafter, speculative_loop
+from decodekit.strategies.session import speculative_loop
 from decodekit.strategies.verify import VerifyResult
 from decodekit.validation import DecodeKitError
 
