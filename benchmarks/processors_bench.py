@@ -18,7 +18,7 @@ import time
 import torch
 
 import decodekit as dk
-from decodekit.bench.config import load_suite
+from decodekit.suites import load_suite
 
 CONFIGS = {
     "greedy": dict(strategy="greedy"),

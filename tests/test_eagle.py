@@ -103,7 +103,7 @@ def test_generate_refuses_an_eagle_dir_without_a_head(tmp_path, capsys):
 
 
 def test_training_prompts_keep_the_benchmark_suites_out():
-    from decodekit.bench.config import SUITES, load_suite
+    from decodekit.suites import SUITES, load_suite
 
     held_out = {r["prompt"] for name in SUITES for r in load_suite(name)}
     prompts = training_prompts(300, seed=0)

@@ -72,7 +72,7 @@ TASKS = [
 def training_prompts(num_prompts: int, seed: int) -> list[str]:
     """``num_prompts`` held-in prompts (topics x tasks, shuffled by ``seed``), none of them
     in the benchmark suites."""
-    from decodekit.bench.config import SUITES, load_suite
+    from decodekit.suites import SUITES, load_suite
 
     held_out = {r["prompt"] for name in SUITES for r in load_suite(name)}
     prompts = [t.format(topic) for t in TASKS for topic in TOPICS]
@@ -346,8 +346,8 @@ def acceptance_by_depth(draft_lengths: list[int], accept_lengths: list[int], dep
 def evaluate(model, tokenizer, head: EagleHead, cfg: TrainConfig) -> dict:
     """Greedy speculative decoding with the head on the held-out chat suite."""
     from decodekit.api import generate
-    from decodekit.bench.config import load_suite
     from decodekit.io import encode_prompts
+    from decodekit.suites import load_suite
 
     prompts = [r["prompt"] for r in load_suite("chat")][: cfg.eval_prompts]
     if not prompts:

@@ -10,14 +10,13 @@ Everything is validated by ``resolve_config`` before any model is loaded.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from decodekit.models import DTYPES, LLAMA_CPP_DTYPES
+from decodekit.suites import SUITES, load_suite
 from decodekit.validation import DecodeKitError, check_choice, check_int
 
 __all__ = ["BenchEntry", "ENTRIES", "PRESETS", "SUITES", "BenchConfig", "resolve_config", "load_suite"]
@@ -70,7 +69,6 @@ ENTRIES: list[BenchEntry] = [
 ]
 ENTRY_BY_NAME = {e.name: e for e in ENTRIES}
 
-SUITES = {"chat": "chat.jsonl", "grounded": "grounded.jsonl", "qa": "qa.jsonl"}
 SUITE_CHOICES = [*SUITES, "all"]
 LLAMA_CPP = "llama.cpp"  # a dtype (decodekit on the llama.cpp backend: the GGUF's own weights) and a peer
 # float32, bfloat16, float16, int8, int4 (weight-only, CPU), llama.cpp (the GGUF as it is), llama.cpp:q4_0 /
@@ -237,11 +235,3 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         preset=preset,
         peers=peers,
     )
-
-
-# ---------------------------------------------------------------------------- suites
-def load_suite(name: str) -> list[dict]:
-    """The suite's records (``{"prompt": ..., "answer": [...]?}``) from decodekit/data."""
-    check_choice("suite", name, SUITES)
-    text = resources.files("decodekit").joinpath("data", SUITES[name]).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
