@@ -346,3 +346,26 @@ def test_model_drafter_takes_rows_after_computing_first_logits(model):
     for b, row in enumerate(REPEATING):
         alone = drafter_for([row]).first_logits([row])[0]
         assert torch.allclose(got[b], alone, atol=1e-4), b
+
+
+def test_served_ngram_rows_build_their_drafter_as_generate_does(model, engine):
+    """The engine builds drafters with the strategy's own ``make_drafter``: the n-gram storage's
+    vocabulary check gives generate's error, and a one-row request uses (and updates) the
+    caller's storage as generate does."""
+    from decodekit.ngram_storage import NGramStorage
+
+    vocab = model.config.vocab_size
+    wrong = dict(strategy="ngram", storage=NGramStorage(3, vocab + 1), max_new_tokens=4)
+    with pytest.raises(DecodeKitError) as offline_error:
+        decodekit.generate(model, [[5, 6, 7]], **wrong)
+    bad = Collect()
+    engine.submit(EngineRequest([5, 6, 7], wrong), bad)
+    assert bad.wait().error == str(offline_error.value)
+
+    prompt, params = REPEATING[0], dict(strategy="ngram", max_new_tokens=6, ignore_eos=True, draft_policy="fixed")
+    offline_storage, served_storage = NGramStorage(3, vocab), NGramStorage(3, vocab)
+    want = offline(model, prompt, storage=offline_storage, **params)[0]
+    col = Collect()
+    engine.submit(EngineRequest(prompt, dict(params, storage=served_storage)), col)
+    assert col.wait().error is None and col.tokens[0] == want
+    assert len(served_storage) == len(offline_storage) > 0  # both counted the prompt and the output

@@ -26,7 +26,7 @@ from decodekit.model_info import default_eos_pad, pad_id, vocab_size
 from decodekit.ngram_storage import INgramStorage
 from decodekit.processors import GreedyProcessor, LogitsProcessor
 from decodekit.strategies.beam import format_beam_trace
-from decodekit.strategies.eis import EisOptions, _Scorer, format_eis_trace, rollout
+from decodekit.strategies.eis import EisOptions, RolloutScorer, format_eis_trace, rollout
 from decodekit.validation import DecodeKitError
 
 __all__ = [
@@ -255,10 +255,10 @@ class ExtendedInferenceSampler:
             temperature=self.temperature, top_p=self.top_p, rollout_mode=self.rollout_mode,
         )
 
-    def _scorer(self) -> _Scorer:
+    def _scorer(self) -> RolloutScorer:
         temperature, top_p = EisOptions(**self._options()).scoring(vocab_size(self.model))
         eos = _eos_ids(None, self.model)
-        return _Scorer(temperature, top_p, self.rollout_mode == "greedy", None, eos)
+        return RolloutScorer(temperature, top_p, self.rollout_mode == "greedy", None, eos)
 
     @torch.inference_mode()
     def _rollout_batch(self, candidate_ids: Tensor, model_kwargs: dict | None = None) -> Tensor:

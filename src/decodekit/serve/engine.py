@@ -45,8 +45,6 @@ from torch import Tensor
 from decodekit.api import build_request, generate
 from decodekit.cache import left_pad
 from decodekit.constraints import constraint_stats
-from decodekit.model_info import vocab_size
-from decodekit.ngram_storage import NGramStorage
 from decodekit.outputs import RowTracker, logprob_entries
 from decodekit.serve.mixed import RowDrafters, RowProcessors
 from decodekit.serve.upkeep import drop_gone, trim_padding
@@ -57,7 +55,7 @@ from decodekit.strategies.draft_policy import (
     forward_cost_curve,
     make_policy,
 )
-from decodekit.strategies.drafters import ModelDrafter, resolve_drafter
+from decodekit.strategies.drafters import ModelDrafter
 from decodekit.strategies.drafting import Drafter
 from decodekit.strategies.ngram import NgramDrafter, PromptLookupDrafter, PromptLookupOptions
 from decodekit.strategies.session import DecodeSession
@@ -681,17 +679,12 @@ class Engine:
         return parts[0]
 
     def _drafter(self, job: _Job, req, lane: _Lane | None) -> Drafter:
-        """A fresh drafter for ``job``'s rows, of its strategy (built as the strategy builds it)."""
-        name, opts = job.strategy.name, job.opts
-        if name == "prompt_lookup":
-            return PromptLookupDrafter(opts.ngram_n)
-        if name == "ngram":
-            storage = opts.storage if opts.storage is not None else NGramStorage(opts.ngram_n, vocab_size(self.model))
-            return NgramDrafter(storage, filler_top_k=opts.filler_top_k, stop_if_unknown=opts.stop_if_unknown)
-        if name == "speculative":
-            if lane is not None and lane.draft_model is not None:
-                return ModelDrafter(lane.draft_model)
-            return resolve_drafter(opts.drafter, req)
+        """A fresh drafter for ``job``'s rows, built by its strategy's ``make_drafter`` (the
+        function its ``decode`` uses); a lane's loaded draft model is reused."""
+        if lane is not None and lane.draft_model is not None:
+            return ModelDrafter(lane.draft_model)
+        if job.strategy.make_drafter is not None:
+            return job.strategy.make_drafter(req, job.opts)
         return Drafter()  # greedy / sample: nothing drafted, every token is the target's
 
     @staticmethod

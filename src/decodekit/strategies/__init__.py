@@ -30,11 +30,13 @@ _REGISTRY = [
     Strategy("jacobi", refine.decode_jacobi, refine.JacobiOptions, "Jacobi decoding (= greedy)",
              lossless=True, sampling="none", format_trace=refine.format_refine_trace),
     Strategy("speculative", speculative.decode, speculative.SpeculativeOptions,
-             "draft model proposes, target verifies", lossless=True, format_trace=format_draft_trace),
+             "draft model proposes, target verifies", lossless=True, format_trace=format_draft_trace,
+             make_drafter=speculative.make_drafter),
     Strategy("ngram", ngram.decode, ngram.NgramOptions, "NASD: n-gram storage drafts",
-             lossless=True, format_trace=format_draft_trace),
+             lossless=True, format_trace=format_draft_trace, make_drafter=ngram.make_ngram_drafter),
     Strategy("prompt_lookup", ngram.decode_prompt_lookup, ngram.PromptLookupOptions,
-             "drafts copied from prompt + output", lossless=True, format_trace=format_draft_trace),
+             "drafts copied from prompt + output", lossless=True, format_trace=format_draft_trace,
+             make_drafter=ngram.make_prompt_lookup_drafter),
 ]
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _REGISTRY}
 

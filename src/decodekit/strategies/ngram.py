@@ -46,6 +46,8 @@ from decodekit.strategies.verify import VerifyResult
 from decodekit.validation import DecodeKitError
 
 __all__ = [
+    "make_ngram_drafter",
+    "make_prompt_lookup_drafter",
     "AcceptanceGate",
     "NgramDrafter",
     "PromptLookupDrafter",
@@ -255,6 +257,26 @@ class NgramOptions(PromptLookupOptions):
             raise DecodeKitError(f"storage must be an INgramStorage, got {type(self.storage).__name__}")
 
 
+def make_ngram_drafter(req: DecodeRequest, opts: NgramOptions) -> NgramDrafter:
+    """The ``NgramDrafter`` of ``opts`` for ``req``'s rows: ``opts.storage`` or a new
+    ``NGramStorage``, checked against the model's vocabulary; a batch of one uses (and
+    updates) the caller's storage itself. ``decode`` and the server both build it here."""
+    vocab = vocab_size(req.model)
+    storage = opts.storage if opts.storage is not None else NGramStorage(opts.ngram_n, vocab)
+    if storage.vocab_size != vocab:
+        raise DecodeKitError(
+            f"n-gram storage vocab_size ({storage.vocab_size}) does not match the model's "
+            f"vocabulary ({vocab} tokens)"
+        )
+    return NgramDrafter(storage, filler_top_k=opts.filler_top_k, stop_if_unknown=opts.stop_if_unknown,
+                        share_storage=req.input_ids.shape[0] == 1)
+
+
+def make_prompt_lookup_drafter(req: DecodeRequest, opts: PromptLookupOptions) -> PromptLookupDrafter:
+    """The ``PromptLookupDrafter`` of ``opts`` (``decode_prompt_lookup`` and the server)."""
+    return PromptLookupDrafter(opts.ngram_n)
+
+
 def decode(req: DecodeRequest, opts: NgramOptions) -> GenerationOutput:
     """N-gram assisted speculative decoding (strategy ``"ngram"``), batched.
 
@@ -266,16 +288,7 @@ def decode(req: DecodeRequest, opts: NgramOptions) -> GenerationOutput:
     ``INgramStorage`` to use instead of ``NGramStorage(ngram_n, vocab)``; each row drafts
     from its own copy (a single row uses and updates the instance itself).
     """
-    vocab = vocab_size(req.model)
-    storage = opts.storage if opts.storage is not None else NGramStorage(opts.ngram_n, vocab)
-    if storage.vocab_size != vocab:
-        raise DecodeKitError(
-            f"n-gram storage vocab_size ({storage.vocab_size}) does not match the model's "
-            f"vocabulary ({vocab} tokens)"
-        )
-    drafter = NgramDrafter(storage, filler_top_k=opts.filler_top_k, stop_if_unknown=opts.stop_if_unknown,
-                           share_storage=req.input_ids.shape[0] == 1)
-    return speculative_loop(req, drafter, opts.policy(), first_target=opts.first_target,
+    return speculative_loop(req, make_ngram_drafter(req, opts), opts.policy(), first_target=opts.first_target,
                             show_drafts=opts.show_drafts)
 
 
@@ -287,6 +300,6 @@ def decode_prompt_lookup(req: DecodeRequest, opts: PromptLookupOptions) -> Gener
     measured acceptance pays for them; never much slower than greedy) | ``fixed`` | ``cost``.
     With a constraint, the tokens the grammar forces are drafted first (``strategies.forced``).
     """
-    drafter = with_forced_drafts(req, PromptLookupDrafter(opts.ngram_n))
+    drafter = with_forced_drafts(req, make_prompt_lookup_drafter(req, opts))
     return speculative_loop(req, drafter, opts.policy(), show_drafts=opts.show_drafts)
 

@@ -170,3 +170,6 @@ class Strategy:
     format_trace: Callable | None = None  # (output.debug, tokenizer) -> str
     logprobs: bool = True  # can report each token's log-probability (generate(logprobs=N))
     constrained: bool = True  # takes structured output (json_schema=, regex=...: decodekit.constraints)
+    # (request, options) -> its Drafter, for a strategy that runs the speculative loop: decode
+    # and the server's continuous batching build drafters with this one function
+    make_drafter: Callable | None = None

@@ -46,6 +46,7 @@ __all__ = [
     "early_exit_model",
     "resolve_drafter",
     "SpeculativeOptions",
+    "make_drafter",
     "decode",
 ]
 
@@ -69,6 +70,11 @@ class SpeculativeOptions(DraftOptions):
                 "strategy 'speculative' needs drafter=... (a model, a model name, or layers:N)")
 
 
+def make_drafter(req: DecodeRequest, opts: SpeculativeOptions) -> Drafter:
+    """The drafter of ``opts.drafter`` for ``req`` (``resolve_drafter``; the server too)."""
+    return resolve_drafter(opts.drafter, req)
+
+
 def decode(req: DecodeRequest, opts: SpeculativeOptions) -> GenerationOutput:
     """Speculative decoding with a draft model (strategy ``"speculative"``).
 
@@ -82,8 +88,7 @@ def decode(req: DecodeRequest, opts: SpeculativeOptions) -> GenerationOutput:
     least ``gamma_min``). ``skip_sample_adjustment=True`` resamples from p on
     rejection: LOSSY.
     """
-    drafter = resolve_drafter(opts.drafter, req)
-    return speculative_loop(req, drafter, opts.policy(), first_target=opts.first_target,
+    return speculative_loop(req, make_drafter(req, opts), opts.policy(), first_target=opts.first_target,
                             skip_sample_adjustment=opts.skip_sample_adjustment,
                             show_drafts=opts.show_drafts)
 
