@@ -205,7 +205,7 @@ def test_gamma_out_of_range_is_an_error_before_any_forward(llama, options):
 def _request(model, rows, max_new_tokens):
     from decodekit.cache import left_pad
     from decodekit.outputs import RowTracker
-    from decodekit.processors import GreedyProcessor
+    from decodekit.seed import GreedyProcessor
     from decodekit.strategies.base import DecodeRequest
 
     ids, mask = left_pad(rows, 0)

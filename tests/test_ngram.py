@@ -10,8 +10,7 @@ import torch
 
 import decodekit
 from decodekit import DecodeKitError, NGramStorage, OneLevelNGramStorage
-from decodekit.processors import TopKProcessor
-from decodekit.seed import ngram_assisted_speculative_generate
+from decodekit.seed import TopKProcessor, ngram_assisted_speculative_generate
 from decodekit.strategies.ngram import AcceptanceGate, prompt_lookup_candidates
 
 from conftest import CHAT_PROMPTS, EOS, chat_batch

@@ -10,7 +10,7 @@ import torch
 
 import decodekit
 from decodekit import DecodeKitError, Draft, Drafter, generate, speculative_generate
-from decodekit.processors import GreedyProcessor, MultinomialProcessor
+from decodekit.seed import GreedyProcessor, MultinomialProcessor
 from decodekit.strategies.speculative import early_exit_model
 from decodekit.visual import render_drafts
 
@@ -340,7 +340,7 @@ def test_bundled_greedy_identical_batch1(bundled):
 def test_prompt_rows_and_per_row_forwards(llama):
     from decodekit.cache import left_pad
     from decodekit.outputs import RowTracker
-    from decodekit.processors import GreedyProcessor
+    from decodekit.seed import GreedyProcessor
     from decodekit.strategies.base import DecodeRequest
 
     ids, mask = left_pad(ROWS, 0)

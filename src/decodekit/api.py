@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import torch
@@ -46,9 +46,7 @@ from decodekit.model_info import context_length, default_eos_pad, pad_id, vocab_
 from decodekit.outputs import GenerationOutput, RowTracker
 from decodekit.processors import (
     PROCESSOR_OPTIONS,
-    GreedyProcessor,
     LogitsPipeline,
-    LogitsProcessor,
     check_min_new_tokens,
     check_processor_options,
     make_pipeline,
@@ -182,7 +180,7 @@ def _make_processor(strategy: Strategy, logits_processor, knobs: dict, eos_ids: 
             given = ", ".join([*history, *(set(sampling) - {"temperature", "top_k", "top_p"})]) or "logits_processor"
             raise DecodeKitError(f"strategy {strategy.name!r} scores candidates with its own temperature/"
                                  f"top_k/top_p; it does not take {given}")
-        return GreedyProcessor()
+        return LogitsPipeline(greedy=True)  # argmax: a one-hot distribution
     if logits_processor is not None and sampling:
         raise DecodeKitError("pass either logits_processor or temperature/top_k/top_p/min_p/typical_p, not both")
     temperature = sampling.get("temperature")
@@ -284,7 +282,7 @@ def generate(
     max_new_tokens: int = 64,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
-    logits_processor: LogitsProcessor | None = None,
+    logits_processor: Callable | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,

@@ -11,6 +11,10 @@ sits above the front door (it imports ``api``), so the strategies never call bac
 * ``ngram_assisted_speculative_generate`` -> ``ngram`` with the caller's storage
 * ``iterative_generate`` -> ``refine`` (returns ``[B, T + L]`` full sequences)
 * ``ExtendedInferenceSampler`` -> ``eis`` (the seed's class, ``generate`` returns ``[B, T + new]``)
+
+The seed's processor classes live here too (``GreedyProcessor``, ``TopKProcessor``...,
+``make_processor``): pipelines of temperature + one filter (``decodekit.processors``), so
+``probs = proc(logits)`` and ``tokens = proc.sample(probs)`` work as they did.
 """
 
 from __future__ import annotations
@@ -24,12 +28,25 @@ from decodekit.api import generate, prepare_inputs
 from decodekit.cache import ModelState
 from decodekit.model_info import default_eos_pad, pad_id, vocab_size
 from decodekit.ngram_storage import INgramStorage
-from decodekit.processors import GreedyProcessor, LogitsProcessor
+from decodekit.processors import (
+    HistoryProcessor,
+    LogitsPipeline,
+    Temperature,
+    top_k_filtering,
+    top_p_filtering,
+)
 from decodekit.strategies.beam import format_beam_trace
 from decodekit.strategies.eis import EisOptions, RolloutScorer, format_eis_trace, rollout
-from decodekit.validation import DecodeKitError
+from decodekit.validation import DecodeKitError, check_float, check_int, check_top_p
 
 __all__ = [
+    "LogitsProcessor",
+    "GreedyProcessor",
+    "MultinomialProcessor",
+    "TopKProcessor",
+    "NucleusProcessor",
+    "TopKNucleusProcessor",
+    "make_processor",
     "autoregressive_generate",
     "beam_search_generate",
     "speculative_generate",
@@ -37,6 +54,116 @@ __all__ = [
     "iterative_generate",
     "ExtendedInferenceSampler",
 ]
+
+
+# ---------------------------------------------------------------------------- seed processors
+class _SeedFilter(HistoryProcessor):
+    """The ``_process`` hook of a seed processor, as a pipeline step."""
+
+    needs_history = False
+
+    def __init__(self, owner: LogitsProcessor):
+        self.owner = owner
+
+    def __call__(self, input_ids, logits, prompt_lengths=None, pad_lengths=None):
+        return self.owner._process(logits)
+
+    def __repr__(self) -> str:
+        return f"{type(self.owner).__name__}._process"
+
+
+class LogitsProcessor(LogitsPipeline):
+    """Base of the seed processors: ``probs = processor(logits)``, ``tokens = processor.sample(probs)``.
+
+    A pipeline of ``Temperature`` then the subclass's ``_process`` filter."""
+
+    is_greedy = False
+
+    def __init__(self, temperature: float = 1.0):
+        check_float("temperature", temperature, min_value=0.0, min_inclusive=False)
+        steps = [] if type(self).is_greedy else [Temperature(temperature), _SeedFilter(self)]
+        super().__init__(steps, greedy=type(self).is_greedy, temperature=float(temperature))
+
+    def _process(self, logits: Tensor) -> Tensor:
+        return logits
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if k not in ("processors", "is_greedy"))
+        return f"{type(self).__name__}({fields})"
+
+
+class GreedyProcessor(LogitsProcessor):
+    """Argmax decoding. ``__call__`` returns the one-hot distribution of the argmax."""
+
+    is_greedy = True
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__(temperature)
+
+
+class MultinomialProcessor(LogitsProcessor):
+    """Sample from the full softmax at ``temperature``."""
+
+
+class TopKProcessor(LogitsProcessor):
+    """Sample among the ``top_k`` most likely tokens."""
+
+    def __init__(self, temperature: float, top_k: int):
+        super().__init__(temperature)
+        check_int("top_k", top_k, min_value=1)
+        self.top_k = int(top_k)
+
+    def _process(self, logits: Tensor) -> Tensor:
+        return top_k_filtering(logits, self.top_k)
+
+
+class NucleusProcessor(LogitsProcessor):
+    """Sample from the smallest set of tokens whose probability reaches ``top_p``."""
+
+    def __init__(self, temperature: float, top_p: float):
+        super().__init__(temperature)
+        check_top_p(top_p)
+        self.top_p = float(top_p)
+
+    def _process(self, logits: Tensor) -> Tensor:
+        return top_p_filtering(logits, self.top_p)
+
+
+class TopKNucleusProcessor(LogitsProcessor):
+    """Top-k first, then top-p over what is left."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        super().__init__(temperature)
+        check_int("top_k", top_k, min_value=1)
+        check_top_p(top_p)
+        self.top_k = int(top_k)
+        self.top_p = float(top_p)
+
+    def _process(self, logits: Tensor) -> Tensor:
+        return top_p_filtering(top_k_filtering(logits, self.top_k), self.top_p)
+
+
+def make_processor(
+    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None
+) -> LogitsProcessor:
+    """The processor for the usual sampling knobs; temperature 0 (or None) means greedy."""
+    if temperature is not None:
+        check_float("temperature", temperature, min_value=0.0)
+    if top_k is not None:
+        check_int("top_k", top_k, min_value=1)
+    if top_p is not None:
+        check_top_p(top_p)
+    if temperature is None or temperature == 0:
+        return GreedyProcessor()
+    use_k = top_k is not None and top_k > 0
+    use_p = top_p is not None and top_p < 1.0
+    if use_k and use_p:
+        return TopKNucleusProcessor(temperature, top_k, top_p)
+    if use_k:
+        return TopKProcessor(temperature, top_k)
+    if use_p:
+        return NucleusProcessor(temperature, top_p)
+    return MultinomialProcessor(temperature)
 
 log = logging.getLogger(__name__)
 
