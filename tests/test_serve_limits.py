@@ -19,10 +19,10 @@ openai = pytest.importorskip("openai")
 
 import decodekit  # noqa: E402
 from decodekit.io import encode_text  # noqa: E402
-from decodekit.serve import engine as engine_module  # noqa: E402
 from decodekit.serve.app import BackgroundServer, create_app  # noqa: E402
 from decodekit.serve.engine import Engine, EngineRequest  # noqa: E402
 from decodekit.serve.limits import Limits  # noqa: E402
+from decodekit.strategies.session import DecodeSession  # noqa: E402
 
 from conftest import tiny_llama  # noqa: E402
 
@@ -148,13 +148,13 @@ def test_timeouts_cancel_with_a_clear_reason(tiny):
 @pytest.fixture
 def slow_steps(monkeypatch):
     """Every decoding step takes >= 20 ms: a 200-token request outlives a disconnect."""
-    step = engine_module._step
+    step = DecodeSession.step
 
-    def slow(run, skip):
+    def slow(session, skip=False):
         time.sleep(0.02)
-        return step(run, skip)
+        return step(session, skip)
 
-    monkeypatch.setattr(engine_module, "_step", slow)
+    monkeypatch.setattr(DecodeSession, "step", slow)
 
 
 def open_request(url: str, body: dict) -> http.client.HTTPConnection:

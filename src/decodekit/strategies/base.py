@@ -29,6 +29,9 @@ class DecodeRequest:
     debug: bool = False
     # num_return_sequences: row r holds a copy of prompt shared[r]; copies are prefilled once
     shared: Tensor | None = None  # [B] (None: every row its own prompt)
+    # each tracker row's real prompt tokens, keyed like tracker.tokens (list or dict; filled on
+    # first use by histories(); a serving lane keeps it as rows join and leave)
+    prompts: list[list[int]] | dict[int, list[int]] | None = None
 
     def prefill(self, drop_last: bool = False) -> tuple[ModelState, Tensor | None]:
         """The prompts in a new ``ModelState`` (without their last token with ``drop_last``)
@@ -54,9 +57,9 @@ class DecodeRequest:
 
     def histories(self) -> list[list[int]]:
         """Each active row's history (tracker order): its prompt + the tokens emitted so far."""
-        if getattr(self, "_prompts", None) is None:
-            self._prompts = self.prompt_rows()
-        return [self._prompts[r] + self.tracker.tokens[r] for r in self.tracker.active]
+        if self.prompts is None:
+            self.prompts = self.prompt_rows()
+        return [self.prompts[r] + self.tracker.tokens[r] for r in self.tracker.active]
 
     def scores(self, logits: Tensor, rows: list[list[int]] | None = None) -> Tensor:
         """``[B, V]`` or ``[B, K, V]`` logits of the active rows -> the processor's float32
