@@ -19,6 +19,21 @@ def test_greedy_equals_transformers_batched_left_padded(tiny_model):
         assert stat.forward_passes == len(row)  # prefill + one forward per later token
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_greedy_applies_processors_that_need_no_history(tiny_model, strategy):
+    """suppress_tokens and logit_bias change greedy's and beam's tokens as in transformers (the
+    plain-argmax shortcut once skipped every step that reads no history)."""
+    ids, mask = left_pad(ROWS, 0)
+    free = dk.generate(tiny_model, ids, mask, max_new_tokens=8).sequences
+    banned, favoured = free[0][0], free[1][1]
+    beams = {"num_beams": 2} if strategy == "beam" else {}
+    out = dk.generate(tiny_model, ids, mask, max_new_tokens=8, strategy=strategy, suppress_tokens=[banned],
+                      logit_bias={favoured: 4.0}, **beams)
+    ref = hf_new_tokens(tiny_model, ids, mask, max_new_tokens=8, do_sample=False, suppress_tokens=[banned],
+                        sequence_bias={(favoured,): 4.0}, **beams)
+    assert out.sequences == ref and all(banned not in row for row in out.sequences)
+
+
 def test_batched_equals_one_row_at_a_time(llama):
     batched = dk.generate(llama, ROWS, max_new_tokens=12).sequences
     single = [dk.generate(llama, [r], max_new_tokens=12).sequences[0] for r in ROWS]

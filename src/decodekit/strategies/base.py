@@ -91,7 +91,7 @@ class DecodeRequest:
 
     def sample(self, logits: Tensor, rows: list[list[int]] | None = None) -> Tensor:
         """``[B, V]`` logits -> sampled/argmax token ids ``[B]`` (``[B, K, V]`` -> ``[B, K]``)."""
-        if self.processor.is_greedy and not self.processor.needs_history:
+        if self.processor.is_greedy and not self.processor.processors:  # plain argmax: nothing to apply
             return logits.argmax(dim=-1)
         return self.processor.sample(self.probs(logits, rows), generator=self.generator)
 

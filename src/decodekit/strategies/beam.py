@@ -142,8 +142,8 @@ def expansion_log_probs(req: DecodeRequest, logits: Tensor, top_k: int | None,
         scores = proc.process_logits(ids.to(logits.device), torch.log_softmax(logits.float(), dim=-1),
                                      starts, pads)
         log_probs = scores if proc.is_greedy else torch.log_softmax(scores, dim=-1)
-    elif proc.is_greedy:
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+    elif proc.is_greedy:  # history-free steps (suppress_tokens, logit_bias) still apply
+        log_probs = proc.process_logits(None, torch.log_softmax(logits.float(), dim=-1))
     else:
         log_probs = torch.log(proc(logits))
     return log_probs if top_k is None else top_k_filtering(log_probs, top_k)
