@@ -24,9 +24,13 @@ greedy token, so greedy speculation reproduces greedy decoding token for token.
 """
 
 from decodekit.processors.options import (
+    KNOBS,
     PROCESSOR_OPTIONS,
+    Knob,
     check_min_new_tokens,
     check_processor_options,
+    is_set,
+    sampling_knobs,
 )
 from decodekit.processors.pipeline import LogitsPipeline, make_pipeline
 from decodekit.processors.steps import (
@@ -69,5 +73,9 @@ __all__ = [
     "MinP",
     "TypicalP",
     "PROCESSOR_OPTIONS",
+    "KNOBS",
+    "Knob",
+    "sampling_knobs",
+    "is_set",
     "token_counts",
 ]

@@ -9,26 +9,14 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from decodekit.processors.options import PROCESSOR_OPTIONS, check_processor_options
+from decodekit.processors.options import KNOBS, check_processor_options, is_set
 from decodekit.processors.steps import (
-    BadWords,
     HistoryProcessor,
-    LogitBias,
-    MinNewTokens,
-    MinP,
-    NoRepeatNGram,
-    PresenceFrequencyPenalty,
-    RepetitionPenalty,
-    SuppressTokens,
-    Temperature,
-    TopK,
-    TopP,
-    TypicalP,
     id_list,
 )
 from decodekit.validation import DecodeKitError
 
-__all__ = ["LogitsPipeline", "make_pipeline"]
+__all__ = ["LogitsPipeline", "make_pipeline", "knob_steps"]
 
 
 class LogitsPipeline:
@@ -132,43 +120,17 @@ class LogitsPipeline:
         return f"{type(self).__name__}({mode}, {self.processors!r})"
 
 
-def _history_steps(options: Mapping, eos_token_id) -> list[HistoryProcessor]:
-    """Biases and penalties on the raw logits, in transformers' order."""
-    get, steps = options.get, []
-    if get("logit_bias"):
-        steps.append(LogitBias(get("logit_bias")))
-    if get("repetition_penalty") is not None and get("repetition_penalty") != 1.0:
-        steps.append(RepetitionPenalty(get("repetition_penalty")))
-    if get("presence_penalty") or get("frequency_penalty"):
-        steps.append(PresenceFrequencyPenalty(get("presence_penalty") or 0.0, get("frequency_penalty") or 0.0))
-    if get("no_repeat_ngram_size"):
-        steps.append(NoRepeatNGram(get("no_repeat_ngram_size")))
-    if get("bad_words_ids"):
-        steps.append(BadWords(get("bad_words_ids"), eos_token_id))
-    if get("min_new_tokens"):
-        if not id_list(eos_token_id):
-            raise DecodeKitError("min_new_tokens needs an eos_token_id, and none is known")
-        steps.append(MinNewTokens(get("min_new_tokens"), eos_token_id))
-    if get("suppress_tokens"):
-        steps.append(SuppressTokens(get("suppress_tokens")))
-    if get("ignore_eos") and id_list(eos_token_id):
-        steps.append(SuppressTokens(id_list(eos_token_id)))
-    return steps
-
-
-def _sampling_steps(options: Mapping) -> list[HistoryProcessor]:
-    """Temperature, then the filters, in transformers' order (sampling only)."""
-    get, steps = options.get, []
-    if get("temperature") != 1.0:
-        steps.append(Temperature(get("temperature")))
-    if get("top_k"):
-        steps.append(TopK(get("top_k")))
-    if get("top_p") is not None and get("top_p") < 1.0:
-        steps.append(TopP(get("top_p")))
-    if get("min_p"):
-        steps.append(MinP(get("min_p")))
-    if get("typical_p") is not None and get("typical_p") < 1.0:
-        steps.append(TypicalP(get("typical_p")))
+def knob_steps(knobs: Mapping, eos_token_id, stage: str) -> list[HistoryProcessor]:
+    """The processing steps of the set ``knobs`` in one ``stage`` (``Knob.stage``), in the
+    order of ``KNOBS`` (transformers' order)."""
+    eos = id_list(eos_token_id)
+    steps = []
+    for name, knob in KNOBS.items():
+        if knob.stage == stage and knob.step is not None:
+            value = knobs.get(name)
+            step = knob.step(value, knobs, eos) if is_set(value) else None
+            if step is not None:
+                steps.append(step)
     return steps
 
 
@@ -193,43 +155,36 @@ def make_pipeline(
     top_k: int | None = None,
     top_p: float | None = None,
     *,
-    min_p: float | None = None,
-    typical_p: float | None = None,
-    repetition_penalty: float | None = None,
-    presence_penalty: float | None = None,
-    frequency_penalty: float | None = None,
-    no_repeat_ngram_size: int | None = None,
-    logit_bias: Mapping[int, float] | None = None,
-    bad_words_ids: list[list[int]] | None = None,
-    suppress_tokens: list[int] | None = None,
-    min_new_tokens: int | None = None,
-    ignore_eos: bool = False,
     logits_processor=None,
     eos_token_id: int | list[int] | None = None,
     vocab_size: int | None = None,
+    **knobs,
 ) -> LogitsPipeline:
-    """The pipeline for the knobs, in transformers' order: logit_bias, repetition_penalty,
-    presence/frequency_penalty, no_repeat_ngram_size, bad_words_ids, min_new_tokens,
-    suppress_tokens, ignore_eos, then the user's ``logits_processor``; when sampling, then
+    """The pipeline for the knobs (``KNOBS``: min_p, typical_p, repetition_penalty,
+    presence_penalty, frequency_penalty, no_repeat_ngram_size, logit_bias, bad_words_ids,
+    suppress_tokens, min_new_tokens, ignore_eos and any registered one), in transformers'
+    order: the history knobs, then the user's ``logits_processor``; when sampling, then
     temperature, top_k, top_p, min_p, typical_p. Temperature 0 (or None) is greedy: the
-    filters are skipped, as transformers skips them without ``do_sample``.
+    sampling knobs are skipped, as transformers skips them without ``do_sample``.
 
     ``logits_processor`` may also be a decodekit processor (``TopKProcessor``...): its steps
     and greedy/sampling mode replace temperature/top_k/top_p/min_p/typical_p."""
-    options = {name: value for name, value in locals().items() if name in PROCESSOR_OPTIONS}
-    check_processor_options(options, vocab_size)
-    steps = _history_steps(options, eos_token_id)
+    knobs = dict(knobs, temperature=temperature, top_k=top_k, top_p=top_p)
+    check_processor_options(knobs, vocab_size)
+    knobs = {k: v for k, v in knobs.items() if is_set(v)}
+    steps = knob_steps(knobs, eos_token_id, "history")
     if isinstance(logits_processor, LogitsPipeline):
-        return _merge_pipeline(options, steps, logits_processor)
+        return _merge_pipeline(knobs, steps, logits_processor)
     steps += _user_steps(logits_processor)
     if temperature is None or temperature == 0:
         return LogitsPipeline(steps, greedy=True, temperature=None)
-    return LogitsPipeline(steps + _sampling_steps(options), greedy=False, temperature=float(temperature))
+    return LogitsPipeline(steps + knob_steps(knobs, eos_token_id, "sampling"), greedy=False,
+                          temperature=float(temperature))
 
 
 def _merge_pipeline(options: Mapping, steps: list, pipeline: LogitsPipeline) -> LogitsPipeline:
     """History steps, then a decodekit processor's own steps and mode."""
-    given = [k for k in ("temperature", "top_k", "top_p", "min_p", "typical_p") if options.get(k) is not None]
+    given = [name for name, knob in KNOBS.items() if knob.stage == "sampling" and options.get(name) is not None]
     if given:
         raise DecodeKitError(f"pass either a decodekit logits_processor or {', '.join(given)}, not both")
     return LogitsPipeline(steps + pipeline.processors, greedy=pipeline.is_greedy, temperature=pipeline.temperature)

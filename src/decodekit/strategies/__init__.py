@@ -40,8 +40,6 @@ _REGISTRY = [
 ]
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in _REGISTRY}
 
-SAMPLING_KNOBS = ("temperature", "top_k", "top_p")
-
 
 def get_strategy(name: str) -> Strategy:
     check_choice("strategy", name, STRATEGIES)
