@@ -19,8 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 FRONT_DOORS = ("decodekit.cli", "decodekit.serve", "decodekit.ray", "decodekit.batch_runner",
                "decodekit.bench", "decodekit.demo", "decodekit.__main__")
 # module -> its line count when this test was written; it may not grow
-OVERSIZED = {"decodekit/cli.py": 533,
-             "decodekit/serve/protocol.py": 527, "decodekit/strategies/draft_policy.py": 514}
+OVERSIZED = {"decodekit/serve/protocol.py": 527, "decodekit/strategies/draft_policy.py": 514}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 60
 
 

@@ -25,10 +25,13 @@ from decodekit.models import (
 )
 from decodekit.ngram_storage import INgramStorage, NGramStorage, OneLevelNGramStorage
 from decodekit.outputs import GenerationOutput, RequestStats, RowTracker
+from decodekit.params import GenerateParams, from_generation_config
 from decodekit.processors import (
+    KNOBS,
     PROCESSOR_OPTIONS,
     BadWords,
     HistoryProcessor,
+    Knob,
     LogitBias,
     LogitsPipeline,
     MinNewTokens,
@@ -73,6 +76,7 @@ from decodekit.strategies.eagle import EagleDrafter, EagleHead, load_head
 from decodekit.strategies.eis import format_eis_trace
 from decodekit.strategies.ngram import AcceptanceGate, NgramDrafter, PromptLookupDrafter
 from decodekit.strategies.refine import decode_jacobi, decode_refine, format_refine_trace
+from decodekit.strategies.session import DecodeSession
 from decodekit.strategies.verify import max_fn
 from decodekit.validation import DecodeKitError
 
@@ -83,6 +87,11 @@ __all__ = [
     "generate_super",
     "prepare_inputs",
     "build_request",
+    "GenerateParams",
+    "from_generation_config",
+    "KNOBS",
+    "Knob",
+    "DecodeSession",
     "Engine",
     "EngineRequest",
     "encode_prompts",

@@ -20,6 +20,9 @@
 * ``logprobs=N`` (0..20): each generated token's log-probability under the final processed
   distribution (under speculation, the target's, never the drafter's) and the ``N`` most
   likely alternatives, in ``output.logprobs``.
+* ``generation_config``: a transformers ``GenerationConfig`` (its sampling, penalty, beam and
+  length fields map onto the options above; keyword arguments win; a field decodekit cannot
+  honour is an error: ``decodekit.params``).
 * ``eos_token_id`` / ``pad_token_id`` default to the model's generation config;
   ``stop_strings`` is a string or a list of non-empty strings (needs ``tokenizer``);
   ``streamer`` is ``callback(row, new_token_ids)`` or a transformers streamer.
@@ -29,8 +32,6 @@ from __future__ import annotations
 
 import inspect
 import numbers
-from collections.abc import Callable, Sequence
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -40,24 +41,22 @@ from decodekit.constraints import (
     GrammarConstraint,
     RowConstraints,
     constraint_stats,
-    pop_constraint,
 )
 from decodekit.model_info import context_length, default_eos_pad, pad_id, vocab_size
 from decodekit.outputs import GenerationOutput, RowTracker
+from decodekit.params import GenerateParams
 from decodekit.processors import (
-    PROCESSOR_OPTIONS,
     LogitsPipeline,
-    check_min_new_tokens,
     check_processor_options,
+    is_set,
     make_pipeline,
+    sampling_knobs,
 )
-from decodekit.strategies import Strategy, build_options, get_strategy
+from decodekit.strategies import Strategy
 from decodekit.strategies.base import DecodeRequest
 from decodekit.validation import (
-    MAX_SEED,
     DecodeKitError,
     check_int,
-    check_stop_strings,
     check_token_ids,
     normalize_eos,
 )
@@ -164,17 +163,14 @@ def _check_room(prompt_lengths: list[int], max_new_tokens: int, context: int | N
         )
 
 
-SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
-
-
 def _make_processor(strategy: Strategy, logits_processor, knobs: dict, eos_ids: list[int],
                     vocab: int | None) -> LogitsPipeline:
     """The pipeline a strategy decodes with: the history processors of ``knobs``
     (penalties, biases...), the user's ``logits_processor``, then temperature and the filters.
     Sampling knobs mean what the strategy's ``sampling`` mode says (``Strategy``)."""
     check_processor_options(knobs, vocab)  # every knob, even one this strategy will not use
-    sampling = {k: knobs[k] for k in SAMPLING_KNOBS if knobs.get(k) is not None}
-    history = {k: v for k, v in knobs.items() if k not in SAMPLING_KNOBS and v is not None and v is not False}
+    sampling = {k: knobs[k] for k in sampling_knobs() if knobs.get(k) is not None}
+    history = {k: v for k, v in knobs.items() if k not in sampling and is_set(v)}
     if strategy.sampling == "own":  # EIS: temperature/top_k/top_p are its options
         if history or logits_processor is not None or set(sampling) - {"temperature", "top_k", "top_p"}:
             given = ", ".join([*history, *(set(sampling) - {"temperature", "top_k", "top_p"})]) or "logits_processor"
@@ -252,17 +248,6 @@ def _generator(seed: int | None, model) -> torch.Generator | None:
     return None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
 
 
-MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
-
-
-def _check_logprobs(strategy: Strategy, logprobs) -> None:
-    if logprobs is None:
-        return
-    check_int("logprobs", logprobs, min_value=0, max_value=MAX_LOGPROBS)
-    if not strategy.logprobs:
-        raise DecodeKitError(f"logprobs is not available with strategy {strategy.name!r}")
-
-
 def _inputs(model, input_ids, attention_mask, eos_token_id, pad_token_id, max_new_tokens):
     """Checked, left-padded ``ids, mask [B, T]``, the EOS ids and the pad id."""
     default_eos = default_eos_pad(model)[0]
@@ -273,36 +258,17 @@ def _inputs(model, input_ids, attention_mask, eos_token_id, pad_token_id, max_ne
     return ids, mask, eos_ids, pad_token_id
 
 
-def generate(
-    model,
-    input_ids,
-    attention_mask: Tensor | None = None,
-    *,
-    strategy: str = "greedy",
-    max_new_tokens: int = 64,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    logits_processor: Callable | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_strings: str | Sequence[str] | None = None,
-    logprobs: int | None = None,
-    tokenizer=None,
-    streamer=None,
-    use_cache: bool = True,
-    debug: bool = False,
-    **options,
-) -> GenerationOutput:
+def generate(model, input_ids, attention_mask: Tensor | None = None, **kwargs) -> GenerationOutput:
     """Decode a batch of prompts with one strategy (see the module docstring for every knob).
 
     ``input_ids``: ``[B, T]`` / ``[T]`` tensor (with ``attention_mask``) or lists of token ids.
-    ``**options``: the strategy's options (``num_beams``, ``drafter``, ``gamma``...) and the
-    history processors (``repetition_penalty``...). ``logprobs=N`` fills ``output.logprobs``.
-    Returns a ``GenerationOutput`` with the new tokens and per-request stats.
+    ``**kwargs``: ``GenerateParams.from_kwargs``'s (``strategy``, ``max_new_tokens``, the
+    sampling knobs, ``generation_config``...), the strategy's options (``num_beams``,
+    ``drafter``, ``gamma``...) and the history processors (``repetition_penalty``...).
+    ``logprobs=N`` fills ``output.logprobs``. Returns a ``GenerationOutput`` with the new
+    tokens and per-request stats.
     """
-    chosen, opts, request = _build_request(SimpleNamespace(**locals()))  # every parameter above, by name
+    chosen, opts, request = build_request(model, input_ids, attention_mask, **kwargs)
     was_training = model.training
     model.eval()
     try:
@@ -313,58 +279,46 @@ def generate(
     return out
 
 
-_GENERATE_SIGNATURE = inspect.signature(generate)
-
-
 def build_request(model, input_ids, attention_mask: Tensor | None = None,
-                  **params) -> tuple[Strategy, object, DecodeRequest]:
+                  **kwargs) -> tuple[Strategy, object, DecodeRequest]:
     """Everything ``generate`` checks and builds before decoding, without a forward: the
     strategy record, its validated options and the ``DecodeRequest`` (same arguments as
     ``generate``; bad input raises ``DecodeKitError``). ``decodekit.serve`` validates and
     starts requests with it."""
-    bound = _GENERATE_SIGNATURE.bind(model, input_ids, attention_mask, **params)
-    bound.apply_defaults()
-    return _build_request(SimpleNamespace(**bound.arguments))
+    params = GenerateParams.from_kwargs(**kwargs)  # every check that needs no model
+    return params.strategy, params.options, request_from_params(model, input_ids, attention_mask, params)
 
 
-# help() and inspect show generate's arguments, which build_request takes (one list, kept in generate)
-build_request.__signature__ = _GENERATE_SIGNATURE.replace(
-    return_annotation=build_request.__annotations__["return"])
+# help() and IDEs show the keyword arguments generate and build_request take: from_kwargs's
+_KEYWORDS = [p for p in inspect.signature(GenerateParams.from_kwargs).parameters.values() if p.name != "cls"]
+for _front in (generate, build_request):
+    _positional = list(inspect.signature(_front).parameters.values())[:3]
+    _front.__signature__ = inspect.Signature(_positional + _KEYWORDS,
+                                             return_annotation=_front.__annotations__["return"])
 
 
-def _build_request(a: SimpleNamespace) -> tuple[Strategy, object, DecodeRequest]:
-    """``build_request`` on ``a``: every parameter of ``generate`` by name, defaults filled in."""
-    chosen = get_strategy(a.strategy)
-    knobs = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
-    a.options = dict(a.options)
-    spec = pop_constraint(a.options)
-    opts = build_options(a.strategy, {k: v for k, v in a.options.items() if k not in PROCESSOR_OPTIONS}, knobs)
-    knobs.update({k: v for k, v in a.options.items() if k in PROCESSOR_OPTIONS})
-    check_int("max_new_tokens", a.max_new_tokens, min_value=1)
-    check_min_new_tokens(knobs.get("min_new_tokens"), a.max_new_tokens)
-    if a.seed is not None:
-        check_int("seed", a.seed, min_value=0, max_value=MAX_SEED)
-    _check_logprobs(chosen, a.logprobs)
-    model = a.model
-    ids, mask, eos_ids, pad_token_id = _inputs(model, a.input_ids, a.attention_mask, a.eos_token_id,
-                                                a.pad_token_id, a.max_new_tokens)
-    processor = _make_processor(chosen, a.logits_processor, knobs, eos_ids, vocab_size(model))
-    prompts = ids.shape[0]
-    ids, mask, shared = _share_prompts(ids, mask, opts.samples_per_prompt, processor)
-    _add_constraint(chosen, processor, spec, knobs, a.tokenizer, eos_ids, vocab_size(model), prompts, shared)
-    stop_strings = check_stop_strings(a.stop_strings)
-    if stop_strings and a.tokenizer is None:
+def request_from_params(model, input_ids, attention_mask: Tensor | None, params: GenerateParams) -> DecodeRequest:
+    """The ``DecodeRequest`` of checked ``params`` for ``model`` and its prompts."""
+    if params.stop_strings and params.tokenizer is None:
         raise DecodeKitError("stop_strings needs tokenizer=... to decode the text")
-    tracker = RowTracker(mask.sum(-1).tolist(), max_new_tokens=a.max_new_tokens, eos_token_ids=eos_ids,
-                         stop_strings=stop_strings, tokenizer=a.tokenizer, streamer=a.streamer)
-    tracker.logprobs_n = a.logprobs
-    request = DecodeRequest(
+    ids, mask, eos_ids, pad_token_id = _inputs(model, input_ids, attention_mask, params.eos_token_id,
+                                                params.pad_token_id, params.max_new_tokens)
+    vocab = vocab_size(model)
+    processor = _make_processor(params.strategy, params.logits_processor, params.knobs, eos_ids, vocab)
+    prompts = ids.shape[0]
+    ids, mask, shared = _share_prompts(ids, mask, params.options.samples_per_prompt, processor)
+    _add_constraint(params.strategy, processor, params.constraint, params.knobs, params.tokenizer, eos_ids,
+                    vocab, prompts, shared)
+    tracker = RowTracker(mask.sum(-1).tolist(), max_new_tokens=params.max_new_tokens, eos_token_ids=eos_ids,
+                         stop_strings=list(params.stop_strings), tokenizer=params.tokenizer,
+                         streamer=params.streamer)
+    tracker.logprobs_n = params.logprobs
+    return DecodeRequest(
         model=model, input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-        processor=processor, tracker=tracker, max_new_tokens=a.max_new_tokens, eos_token_ids=eos_ids,
-        pad_token_id=pad_token_id, generator=_generator(a.seed, model), tokenizer=a.tokenizer,
-        use_cache=a.use_cache, debug=a.debug, shared=shared,
+        processor=processor, tracker=tracker, max_new_tokens=params.max_new_tokens, eos_token_ids=eos_ids,
+        pad_token_id=pad_token_id, generator=_generator(params.seed, model), tokenizer=params.tokenizer,
+        use_cache=params.use_cache, debug=params.debug, shared=shared,
     )
-    return chosen, opts, request
 
 
 def generate_super(

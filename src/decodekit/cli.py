@@ -19,10 +19,7 @@ from decodekit.flags import add_flag
 from decodekit.validation import (
     DecodeKitError,
     check_choice,
-    check_float,
     check_int,
-    check_stop_strings,
-    check_top_p,
 )
 
 log = logging.getLogger("decodekit")
@@ -122,55 +119,27 @@ def add_strategy_flags(parser, taken: set[str]) -> None:
             taken.add(name)
 
 
-def _token_bias(text: str) -> tuple[int, float]:
-    token, sep, bias = text.partition(":")
-    try:
-        return int(token), float(bias)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be TOKEN_ID:BIAS, got {text!r}") from None
-
-
-def _token_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated token ids, got {text!r}") from None
-
-
-# name -> (argparse settings, help): transformers' / OpenAI's names and meanings.
-PROCESSOR_FLAGS = {
-    "min_p": (dict(type=float), "keep tokens with p >= min_p * p_max (sampling)"),
-    "typical_p": (dict(type=float), "locally typical sampling mass"),
-    "repetition_penalty": (dict(type=float), "> 1 discourages tokens already in prompt or output"),
-    "presence_penalty": (dict(type=float), "OpenAI: subtract this once from every generated token's logit"),
-    "frequency_penalty": (dict(type=float), "OpenAI: subtract this times the token's count in the output"),
-    "no_repeat_ngram_size": (dict(type=int), "never repeat an n-gram of this size"),
-    "logit_bias": (dict(type=_token_bias, action="append"), "TOKEN_ID:BIAS added to a logit (repeatable)"),
-    "bad_words_ids": (dict(type=_token_ids, action="append"), "comma-separated ids never generated in a row (repeatable)"),
-    "suppress_tokens": (dict(type=_token_ids), "comma-separated ids never generated"),
-    "min_new_tokens": (dict(type=int), "no EOS before this many new tokens"),
-    "ignore_eos": (dict(action="store_const", const=True), "never stop at EOS (generate max_new_tokens)"),
-}
-
-
 def add_processor_flags(parser) -> None:
-    """Logits processors with transformers' names; exact under every speculative strategy."""
+    """One flag per processor knob (``processors.KNOBS``, transformers' names; exact under every
+    speculative strategy); temperature, top_k and top_p have their own flags."""
+    from decodekit.processors import KNOBS
+
     group = parser.add_argument_group("logits processors (exact under speculation)")
-    for name, (kwargs, help_text) in PROCESSOR_FLAGS.items():
-        add_flag(group, name, default=None, help=help_text, **kwargs)
+    for name, knob in KNOBS.items():
+        if knob.cli:
+            add_flag(group, name, **knob.flag_kwargs())
 
 
 def _processor_options(args) -> dict:
-    """The processor flags the user set, as ``generate`` keyword options (checked here, before
-    the model loads; token ids against the vocabulary once it is known)."""
-    from decodekit.processors import check_min_new_tokens, check_processor_options
+    """The processor flags the user set, as ``generate`` keyword options (``_generate_kwargs``
+    checks them; token ids against the vocabulary once it is known)."""
+    from decodekit.processors import KNOBS
 
-    options = {name: getattr(args, name, None) for name in PROCESSOR_FLAGS}
-    options = {k: v for k, v in options.items() if v is not None}
-    if "logit_bias" in options:
-        options["logit_bias"] = dict(options["logit_bias"])
-    check_processor_options(options)
-    check_min_new_tokens(options.get("min_new_tokens"), args.max_new_tokens)
+    options = {}
+    for name, knob in KNOBS.items():
+        value = getattr(args, name, None) if knob.cli else None
+        if value is not None:
+            options[name] = knob.from_cli(value) if knob.from_cli else value
     return options
 
 
@@ -242,6 +211,20 @@ def _strategy_options(args) -> dict:
     return options
 
 
+def _generate_kwargs(args) -> tuple[dict, dict]:
+    """The strategy options and every ``generate`` keyword of the flags, checked once by
+    ``GenerateParams.from_kwargs`` (what ``generate`` checks without a model)."""
+    from decodekit.params import GenerateParams
+
+    options = _strategy_options(args)
+    kwargs = dict(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop_strings,
+                  logprobs=args.logprobs, debug=args.debug, **_processor_options(args),
+                  **_constraint_options(args), **options)
+    GenerateParams.from_kwargs(**kwargs)
+    return options, kwargs
+
+
 def _strategy(args):
     from decodekit.strategies import get_strategy
 
@@ -251,25 +234,11 @@ def _strategy(args):
 def _validate_generate_args(args) -> None:
     """Everything that can be checked before the model is loaded."""
     _strategy(args)  # a known name
-    check_int("max_new_tokens", args.max_new_tokens, min_value=1)
-    if args.logprobs is not None:
-        check_int("logprobs", args.logprobs, min_value=0, max_value=20)
-        if not _strategy(args).logprobs:
-            raise DecodeKitError(f"logprobs is not available with strategy {args.strategy!r}")
     check_int("batch_size", args.batch_size, min_value=1)
     check_int("max_display", args.max_display, min_value=0)
-    if args.temperature is not None:
-        check_float("temperature", args.temperature, min_value=0.0)
-    if args.top_k is not None:
-        check_int("top_k", args.top_k, min_value=1)
-    if args.top_p is not None:
-        check_top_p(args.top_p)
     for dest, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise DecodeKitError(f"{dest} must be a finite number, got {value}")
-    if args.stop_strings is not None:
-        check_stop_strings(args.stop_strings)
-    _constraint_options(args)
     if args.resume and not args.output_file:
         raise DecodeKitError("--resume needs --output_file")
     if args.overwrite and not args.output_file:
@@ -319,13 +288,9 @@ def run_generate(args) -> int:
     from decodekit.ray import engine_from_args, run_ray
 
     _validate_generate_args(args)
+    options, kwargs = _generate_kwargs(args)  # checked as generate checks them, before any file or model
     prompts = load_prompts(args.prompt, args.prompts_file)
-    options = _strategy_options(args)
     engine = engine_from_args(args)  # None: this process; Ray checked before anything starts
-    kwargs = dict(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop_strings,
-                  logprobs=args.logprobs,
-                  debug=args.debug, **_processor_options(args), **_constraint_options(args), **options)
     writer = open_results(args, prompts, kwargs)
     if writer is not None and not writer.pending():
         print(f"all {len(prompts)} prompts already have results in {args.output_file}", file=sys.stderr)

@@ -20,7 +20,6 @@ Ray is an optional extra (``pip install 'decodekit[ray]'``), imported only when 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -124,20 +123,11 @@ class DecodeWorker:
 
 
 def _check_generate_options(strategy: str, options: dict) -> None:
-    """Strategy options through the strategy's ``Options``; anything else must be a
-    ``decodekit.generate`` parameter. Checked on the driver, before any actor starts."""
-    from decodekit.api import generate
-    from decodekit.processors import PROCESSOR_OPTIONS
-    from decodekit.strategies import build_options, option_names
+    """Checked by ``GenerateParams.from_kwargs`` (what ``generate`` checks without a model) on
+    the driver, before any actor starts."""
+    from decodekit.params import GenerateParams
 
-    known = set(inspect.signature(generate).parameters) - {"model", "input_ids", "attention_mask", "options"}
-    known |= set(PROCESSOR_OPTIONS)  # repetition_penalty, min_p...: generate's too
-    strategy_names = set(option_names())
-    unknown = [k for k in options if k not in known and k not in strategy_names]
-    if unknown:
-        raise DecodeKitError(f"generate_dataset: unknown option(s) {', '.join(unknown)}")
-    knobs = {k: options.get(k) for k in ("temperature", "top_k", "top_p")}
-    build_options(strategy, {k: v for k, v in options.items() if k in strategy_names and k not in knobs}, knobs)
+    GenerateParams.from_kwargs(strategy=strategy, **options)
 
 
 def generate_dataset(dataset, model: str | None = None, strategy: str = "greedy", *, batch_size: int = 1,
