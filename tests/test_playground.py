@@ -68,3 +68,49 @@ def test_two_strategies_stream_side_by_side(server, tmp_path):
         assert greedy.all_text_contents() == lookup.all_text_contents()  # lossless, token for token
         browser.close()
     assert not errors, errors
+
+
+@pytest.mark.needs("chromium")
+def test_every_strategy_has_a_form_from_the_served_schema(server, tmp_path):
+    """Each strategy's options are form fields built from ``GET /v1/decoding/options`` (bounds,
+    choices, defaults); a field changed in the form goes into the request's ``decoding``."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/v1/decoding/options") as response:
+        schema = json.load(response)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors, sent = [], []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.body.dataset.schema === 'loaded'", timeout=30_000)
+        column = page.locator(".col").nth(1)
+        select = column.locator("header select")
+        assert select.evaluate("s => [...s.options].map(o => o.value)") == list(schema["strategies"])
+        for name, record in schema["strategies"].items():
+            select.select_option(name)
+            fields = column.locator(".opts [name]")
+            assert fields.evaluate_all("els => els.map(e => e.name)") == list(record["properties"]), name
+            for option, prop in record["properties"].items():
+                element = column.locator(f".opts [name='{option}']")
+                if prop.get("type") in ("integer", "number") and prop.get("minimum") is not None:
+                    assert float(element.get_attribute("min")) == prop["minimum"], (name, option)
+                if "enum" in prop:
+                    assert element.evaluate("e => e.tagName") == "SELECT", (name, option)
+        select.select_option("prompt_lookup")
+        column.locator(".opts [name='gamma']").fill("3")
+        screenshot = tmp_path / "playground-forms.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        print(f"playground screenshot: {screenshot}")
+        page.fill("#max_tokens", "4")
+        page.click("#run")
+        page.wait_for_function("document.querySelectorAll('.col')[1].querySelector('.stats').textContent"
+                               ".includes('forwards/token') && !document.querySelectorAll('.col')[1]"
+                               ".querySelector('.stats').textContent.includes('…')", timeout=120_000)
+        browser.close()
+    assert not errors, errors
+    decodings = [body["decoding"] for body in sent]
+    assert {"strategy": "prompt_lookup", "gamma": 3} in decodings

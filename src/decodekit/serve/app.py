@@ -5,7 +5,8 @@
 * ``POST /v1/chat/completions``, ``POST /v1/completions``: OpenAI bodies plus a ``decoding``
   extension object (``protocol``); ``stream: true`` answers with server-sent events in OpenAI's
   chunk format, ending ``data: [DONE]``;
-* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /`` (the playground).
+* ``GET /v1/models``, ``GET /v1/decoding/options`` (every strategy's options and the processor
+  knobs as JSON Schema), ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /`` (the playground).
 
 Bad input is a 400 with OpenAI's error body naming the field (``param``); limits
 (``serve.limits``): a body over ``max_body_bytes`` is a 413, a full queue a 429 with
@@ -33,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from decodekit.params import decoding_schema
 from decodekit.serve import metrics as prom
 from decodekit.serve import openapi
 from decodekit.serve.limits import (
@@ -324,7 +326,8 @@ def create_app(engine, tokenizer, model_id: str, *, context: int | None = None,
     server = Server(engine, tokenizer, model_id, limits, api_key, grace)
     app = FastAPI(title="decodekit", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
-    routes = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"}
+    routes = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/decoding/options", "/health",
+              "/metrics", "/"}
 
     app.add_middleware(Guard, server=server, routes=routes)
 
@@ -339,6 +342,11 @@ def create_app(engine, tokenizer, model_id: str, *, context: int | None = None,
     @app.get("/v1/models", **openapi.get_route(openapi.MODELS))
     async def models():
         return server.models()
+
+    @app.get("/v1/decoding/options", **openapi.get_route(openapi.DECODING_OPTIONS))
+    async def decoding_options():
+        """Every strategy's options and the processor knobs as JSON Schema (the playground's forms)."""
+        return decoding_schema()
 
     @app.get("/health", **openapi.health_route())
     async def health():

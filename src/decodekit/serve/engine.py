@@ -67,7 +67,7 @@ from decodekit.serve.lanes import (
     skip_adjustment,
 )
 from decodekit.serve.mixed import RowProcessors
-from decodekit.serve.upkeep import drop_gone, trim_padding
+from decodekit.serve.upkeep import HeapTrimmer, drop_gone, trim_padding
 from decodekit.strategies.draft_policy import DraftPolicy, batch_bucket, forward_cost_curve
 from decodekit.strategies.ngram import PromptLookupOptions
 from decodekit.validation import DecodeKitError
@@ -222,9 +222,11 @@ class Engine:
                  time.perf_counter() - start)
 
     def _loop(self) -> None:
+        trim_heap = HeapTrimmer()
         with torch.inference_mode():
             self._warm_up()
             while not self._stopping.is_set():
+                trim_heap()
                 for jobs in join_groups(self._admissions()):
                     self._join(jobs)
                 if not self._lanes:

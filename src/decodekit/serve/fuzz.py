@@ -40,7 +40,7 @@ def build_fuzz_app(tokenizer, *, max_tokens_limit: int = 8, max_batch_size: int 
 
 
 OPERATIONS = [("/v1/chat/completions", "POST"), ("/v1/completions", "POST"), ("/v1/models", "GET"),
-              ("/health", "GET"), ("/metrics", "GET")]
+              ("/v1/decoding/options", "GET"), ("/health", "GET"), ("/metrics", "GET")]
 
 
 def fuzz_checks() -> list:

@@ -127,6 +127,8 @@ HEALTH = {"type": "object", "required": ["status", "model"],
           "properties": {"status": {"enum": ["ok", "draining"]}, "model": {"type": "string"},
                          "queue_length": {"type": "integer"}, "running_requests": {"type": "integer"},
                          "running_rows": {"type": "integer"}}}
+DECODING_OPTIONS = {"type": "object", "required": ["strategies", "knobs"],
+                    "properties": {"strategies": {"type": "object"}, "knobs": {"type": "object"}}}
 MODELS = {"type": "object", "required": ["object", "data"],
           "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}
 

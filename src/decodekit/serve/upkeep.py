@@ -1,5 +1,6 @@
 """A lane's upkeep between steps (``serve.engine``): rows of requests that are gone leave, and
-the left padding every remaining row shares is dropped once it piles up.
+the left padding every remaining row shares is dropped once it piles up. Now and then the
+engine hands freed heap pages back to the OS (``HeapTrimmer``).
 
 ``run`` is a lane's run: ``run.req.tracker`` maps its active rows to their requests
 (``owner[row] -> (job, local row)``); a job is ``cancelled`` (client gone, timed out) or
@@ -8,9 +9,34 @@ the left padding every remaining row shares is dropped once it piles up.
 
 from __future__ import annotations
 
-__all__ = ["drop_gone", "trim_padding", "TRIM_MIN_COLUMNS"]
+import ctypes
+import ctypes.util
+import time
+
+__all__ = ["drop_gone", "trim_padding", "HeapTrimmer", "TRIM_MIN_COLUMNS"]
 
 TRIM_MIN_COLUMNS = 32  # a lane's shared left padding is dropped once this wide (and >= 1/4 of it)
+
+
+class HeapTrimmer:
+    """glibc's ``malloc_trim(0)`` at most every ``every_s`` seconds: the pages of tensors that
+    were freed (rows that left, caches compacted) go back to the OS instead of staying in the
+    heap, so the server's RSS follows what it holds. A no-op without glibc."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s, self.last = every_s, time.monotonic()
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+        except OSError:
+            libc = None
+        self.trim = getattr(libc, "malloc_trim", None)
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.trim is not None and now - self.last >= self.every_s:
+            self.trim(0)
+            self.last = now
 
 
 def trim_padding(run) -> None:
