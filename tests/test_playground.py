@@ -42,8 +42,8 @@ def test_two_strategies_stream_side_by_side(server, tmp_path):
         page.goto(server.url + "/")
         columns = page.locator(".col")
         assert columns.count() == 2
-        assert columns.nth(0).locator("select").input_value() == "greedy"
-        assert columns.nth(1).locator("select").input_value() == "prompt_lookup"
+        assert columns.nth(0).locator("header select").input_value() == "greedy"
+        assert columns.nth(1).locator("header select").input_value() == "prompt_lookup"
         page.fill("#prompt", "Repeat exactly: the cat sat on the mat, the cat sat on the mat, the cat sat on the mat.")
         page.fill("#max_tokens", "24")
         page.click("#run")
