@@ -369,3 +369,27 @@ def test_served_ngram_rows_build_their_drafter_as_generate_does(model, engine):
     engine.submit(EngineRequest(prompt, dict(params, storage=served_storage)), col)
     assert col.wait().error is None and col.tokens[0] == want
     assert len(served_storage) == len(offline_storage) > 0  # both counted the prompt and the output
+
+
+def test_a_request_cancelled_as_its_last_token_arrives_is_counted_as_closed(model):
+    """A client that goes away while its row's last step runs: the row finishes in that step,
+    the request is closed, not left counted as running (found by the long fuzz run)."""
+    seen: list[int] = []
+    handles = []
+
+    def on_event(event) -> None:
+        if isinstance(event, TokenEvent):
+            seen.extend(event.token_ids)
+            if len(seen) >= 3:
+                handles[0].cancel()  # inside the step: after the last token, before the row leaves
+
+    engine = Engine(model, None)
+    handles.append(engine.submit(EngineRequest([5, 6, 7], dict(max_new_tokens=3, ignore_eos=True)), on_event))
+    engine.start()  # submitted first: the handle exists before any event
+    try:
+        end = time.monotonic() + 30
+        while len(seen) < 3 or engine.metrics()["requests_running"] or engine.metrics()["queue_depth"]:
+            assert time.monotonic() < end, (seen, engine.metrics())
+            time.sleep(0.01)
+    finally:
+        engine.stop()

@@ -104,7 +104,9 @@ class LaneTracker:
                 self.tokens.pop(gid)  # the request keeps its own lists; a long-lived lane forgets them
                 self.stats.pop(gid)
                 job, local = self.owner.pop(gid)
-                if not (job.cancelled or job.over):
+                if job.cancelled:  # cancelled during this step: nobody listens, but it is over
+                    job.close()
+                elif not job.over:
                     job.finish(local)
         keep = [i for i, f in enumerate(finished) if not f]
         self.active = [self.active[i] for i in keep]

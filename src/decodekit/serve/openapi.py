@@ -45,7 +45,7 @@ def _common(limits: Limits) -> dict:
         max_tokens["maximum"] = limits.max_tokens_limit
     number = {"type": "number"}
     return {
-        "model": {"type": "string"},
+        "model": _nullable({"type": "string"}),  # null is absent: this server's model
         "max_tokens": _nullable(max_tokens),
         "temperature": _nullable({"anyOf": [{"const": 0}, {**number, "minimum": MIN_TEMPERATURE, "maximum": 2}]}),
         "top_p": _nullable({**number, "exclusiveMinimum": 0, "maximum": 1}),
