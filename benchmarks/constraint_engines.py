@@ -4,18 +4,23 @@ Each engine compiles a few JSON Schemas (and one regex), then walks the tokens o
 output computing the next-token mask at every position, as decoding does. Times are the
 median over the walk, on one thread; the tokenizer is converted once per model (cached).
 
-    OMP_NUM_THREADS=1 python benchmarks/constraint_engines.py
+    OMP_NUM_THREADS=1 python benchmarks/constraint_engines.py [--output_dir DIR]
 
-``pip install llguidance xgrammar`` first (xgrammar is only needed here).
+``pip install llguidance xgrammar`` first (xgrammar is only needed here; ``pip install --no-deps
+xgrammar apache-tvm-ffi`` keeps it from pulling a CUDA build of torch and triton). With
+``--output_dir`` the table also goes to ``DIR/report.md`` and ``DIR/results.json`` (``reports.py``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
+from importlib import metadata
 
 import torch
+from reports import check_output_dir, write_report  # same directory
 
 SCHEMAS = {
     "flat": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -92,8 +97,13 @@ def bench_xgrammar(tok, schema, tokens):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", default=None, help="write report.md and results.json here (a new directory)")
+    args = parser.parse_args()
+    out_dir = check_output_dir(parser, args.output_dir)
     torch.set_num_threads(1)
     tok = bundled_tokenizer()
+    rows, data = [], []
     print(f"{'schema':8} {'engine':11} {'tokenizer ms':>12} {'compile ms':>10} {'mask us/token':>14} tokens")
     for name, schema in SCHEMAS.items():
         tokens = tok.encode(json.dumps(SAMPLES[name]), add_special_tokens=False)
@@ -104,6 +114,14 @@ def main() -> None:
                 print(f"{name:8} {engine:11} (not installed)")
                 continue
             print(f"{name:8} {engine:11} {setup_s * 1e3:12.0f} {compile_s * 1e3:10.1f} {mask * 1e6:14.0f} {len(tokens)}")
+            rows.append(f"| {name} | {engine} {metadata.version(engine)} | {setup_s * 1e3:.0f} ms | "
+                        f"{compile_s * 1e3:.1f} ms | {mask * 1e6:.0f} us | {len(tokens)} |")
+            data.append({"schema": name, "engine": engine, "version": metadata.version(engine),
+                         "tokenizer_s": setup_s, "compile_s": compile_s, "mask_s_per_token": mask})
+    if out_dir is not None:
+        table = ["| schema | engine | tokenizer setup (once) | compile | mask / token | tokens |",
+                 "|---|---|---:|---:|---:|---:|", *rows]
+        write_report(out_dir, "Constraint engines on the bundled tokenizer (one thread)", table, {"rows": data})
 
 
 if __name__ == "__main__":

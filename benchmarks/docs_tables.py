@@ -8,7 +8,8 @@ This script renders the tables between marker comments::
     ...generated...
     <!-- /table -->
 
-in ``docs/performance.md`` and ``README.md``. Each table starts with its provenance line: the
+in ``docs/performance.md`` and ``README.md``, and the table of a benchmark script's report
+(``benchmarks/reports.py``) between ``<!-- report: RUN -->`` and ``<!-- /report -->``. Each table starts with its provenance line: the
 date, the CPU model, cores and torch threads, the software versions, the exact command, and a
 link to the report. ``tests/test_docs.py`` fails when the committed tables differ from what
 this script generates, so a number cannot drift from its report.
@@ -34,8 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATES = RESULTS / "dates.json"
-TARGETS = [ROOT / "docs" / "performance.md", ROOT / "docs" / "models.md", ROOT / "README.md"]
+TARGETS = [ROOT / "docs" / "performance.md", ROOT / "docs" / "models.md", ROOT / "docs" / "server.md",
+           ROOT / "docs" / "structured-output.md", ROOT / "README.md"]
 MARKER = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+# the table of a benchmark script's report (benchmarks/reports.py: report.md + results.json)
+REPORT_MARKER = re.compile(r"(<!-- report: ([\w-]+) -->\n)(.*?)(<!-- /report -->)", re.S)
 
 # column name -> (header, formatter of a summary row)
 def _num(key, digits=1):
@@ -181,8 +185,23 @@ def render(name: str, link_prefix: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_report(run: str, link_prefix: str) -> str:
+    """A script report's provenance line and its table, copied from its report.md."""
+    card = load(run)["card"]
+    command = re.sub(r"--output_dir \S+", f"--output_dir /tmp/decodekit-bench/{run}", card["command"])
+    table = [line for line in (RESULTS / run / "report.md").read_text(encoding="utf-8").splitlines()
+             if line.startswith("|")]
+    if not table:
+        raise SystemExit(f"report {run}: no table in its report.md")
+    return (f"Measured {card['date']} on {card['cpu']} ({card['cpu_capability']} kernels), torch threads "
+            f"{card['torch_threads']} (torch {card['torch']}, decodekit {card['decodekit']}). "
+            f"Report: [{run}]({link_prefix}benchmarks/results/{run}/report.md).\n"
+            f"Command (`--output_dir` pointed at a scratch directory): `{command}`\n\n" + "\n".join(table) + "\n")
+
+
 def regenerate(text: str, link_prefix: str) -> str:
-    return MARKER.sub(lambda m: m.group(1) + render(m.group(2), link_prefix) + m.group(4), text)
+    text = MARKER.sub(lambda m: m.group(1) + render(m.group(2), link_prefix) + m.group(4), text)
+    return REPORT_MARKER.sub(lambda m: m.group(1) + render_report(m.group(2), link_prefix) + m.group(4), text)
 
 
 def link_prefix(target: Path) -> str:
