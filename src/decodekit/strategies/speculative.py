@@ -1,25 +1,8 @@
-"""Speculative decoding: a drafter proposes tokens, the target verifies them in ONE forward.
-
-Every speculative strategy (draft model, self-speculative ``layers:N``, n-grams, prompt
-lookup) runs the one loop of this module, ``speculative_loop``; they differ only in their
-``Drafter``. One step, for a batch of rows that each accept a different number of drafts:
-
-1. the draft-length policy picks a budget per row (``draft_policy.py``: fixed, EGAG, cost,
-   adaptive), capped by the row's remaining tokens (drafts past ``max_new_tokens`` are waste),
-2. the drafter proposes ``k`` tokens per row (``Draft``: tokens, how many are real, ``q``);
-   the policy may keep only a prefix of each row's drafts (``adaptive``),
-3. the target runs ``[last token, drafts]`` (``k + 1`` tokens) through its KV cache once,
-4. ``verify`` (the shared rejection sampler) accepts a prefix per row and draws the
-   recovered (after a rejection) or bonus (all accepted) token,
-5. accepted drafts + that token go to the tracker; the target cache is rolled back per row
-   (``ModelState.rollback``: rows that accepted fewer drafts get masked holes, so the batch
-   never falls back to one row at a time); the drafter is told the result,
-6. finished rows leave the batch; holes are compacted away now and then.
-
-Greedy verification against a one-hot target reproduces greedy decoding token for token;
-under sampling the output is distributed exactly as the target's (``verify.py``).
-``first_target=False``: the target is prefilled with the prompt minus its last token, so
-the drafter proposes the very first tokens too and the first verify step checks them.
+"""Speculative decoding with a draft model (strategy ``"speculative"``): its options and
+``decode``. The loop every drafting strategy runs, step by step, is ``session.py``
+(``DecodeSession``, ``speculative_loop``); the drafter interface is ``drafting.py``; model
+drafters and drafter specs (``layers:N``, ``eagle``, ``X+prompt_lookup``, a model name) are
+``drafters.py``. Their public names stay importable from here.
 """
 
 from __future__ import annotations
@@ -35,8 +18,6 @@ from decodekit.strategies.options import option
 from decodekit.strategies.session import DecodeSession, speculative_loop
 from decodekit.validation import DecodeKitError
 
-# the loop, the drafter interface and the drafters live in session.py, drafting.py and
-# drafters.py; their public names stay importable from here
 __all__ = [
     "Draft",
     "Drafter",
