@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from decodekit.kvstate import backend_of
 from decodekit.strategies import get_strategy
 
 __all__ = ["TerminalStream", "open_results", "batch_records", "decode_batch", "chat_template_on",
@@ -88,8 +89,8 @@ def model_dtype(model) -> str:
     """``"float32"``, ``"bfloat16"``, ``"int8"``...: the ``stats.dtype`` of every record."""
     from decodekit.quant import quant_scheme
 
-    own = getattr(model, "dtype_name", None)  # the llama.cpp backend: the GGUF's weight type
-    return own or quant_scheme(model) or str(next(model.parameters()).dtype).removeprefix("torch.")
+    own = backend_of(model).dtype_name  # the llama.cpp backend: the GGUF's weight type
+    return own(model) if own else quant_scheme(model) or str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def decode_batch(model, tokenizer, indices, texts, generate_kwargs, encoding: tuple[bool, bool],

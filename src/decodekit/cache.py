@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from decodekit.kvstate import KVState, backend_of
+
 __all__ = ["ModelState", "prune_cache", "left_pad", "cache_kwarg", "uses_sliding_window"]
 
 
@@ -111,64 +113,25 @@ def _join_caches(top: list[tuple[Tensor, Tensor]], bottom: list[tuple[Tensor, Te
             for (k1, v1), (k2, v2) in zip(top, bottom, strict=True)]
 
 
-class ModelState:
-    """Batched decoding state of one model (see module docstring)."""
+class ModelState(KVState):
+    """Batched decoding state of one torch model: ``KVState``'s columns plus a transformers
+    KV cache (see module docstring). The torch backend's ``KVState``."""
 
     def __init__(self, model, ids: Tensor, mask: Tensor, cache: DynamicCache | None, use_cache: bool):
-        self.model = model
-        self.ids = ids  # [B, T]
-        self.mask = mask  # [B, T]
-        # No padding and no holes anywhere: the model can take its plain causal path. Kept
-        # as a flag (updated where the mask changes) so decoding needs no host sync for it.
-        self.dense = bool(mask.all())
+        super().__init__(model, ids, mask)
         self.cache = cache
         self.use_cache = use_cache
-        self.forwards = 0  # model calls made through this state: THE count of forwards
-        self.credited = 0  # of those, the ones already credited to rows (``take_forwards``)
 
     # ------------------------------------------------------------------ feeding tokens
     @classmethod
-    def empty(cls, model, batch: int, *, use_cache: bool = True) -> ModelState:
-        """A state of ``batch`` rows holding nothing yet (``ids``/``mask`` ``[B, 0]``).
-        A model with its own state class (``decodekit.llamacpp``) gets one of those."""
-        own = getattr(model, "state_class", None)
+    def empty(cls, model, batch: int, *, use_cache: bool = True) -> KVState:
+        """A state of ``batch`` rows holding nothing yet (``ids``/``mask`` ``[B, 0]``): of the
+        backend registered for the model's type (``decodekit.kvstate.register_backend``)."""
+        own = backend_of(model).state_class
         if own is not None and not issubclass(cls, own):
             return own.empty(model, batch, use_cache=use_cache)
         ids = torch.zeros((batch, 0), dtype=torch.long, device=model.device)
         return cls(model, ids, ids.clone(), DynamicCache() if use_cache else None, use_cache)
-
-    @classmethod
-    def prefill(
-        cls,
-        model,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        *,
-        use_cache: bool = True,
-        logits_to_keep: int = 1,
-    ) -> tuple[ModelState, Tensor]:
-        """Run the prompt ``[B, T]``; return the state and logits ``[B, logits_to_keep, V]``."""
-        device = model.device
-        input_ids = input_ids.to(device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(device=device, dtype=torch.long)
-        state = cls.empty(model, input_ids.shape[0], use_cache=use_cache)
-        logits = state.extend(input_ids, token_mask=attention_mask, logits_to_keep=logits_to_keep)
-        return state, logits
-
-    def take_forwards(self) -> int:
-        """Forwards made since the last call: each model call is handed out once, so the
-        statistics (``RowTracker.count_forwards``) read every forward from the state."""
-        new = self.forwards - self.credited
-        self.credited = self.forwards
-        return new
-
-    def positions(self, token_mask: Tensor) -> Tensor:
-        """Position ids ``[B, k]`` for new tokens with mask ``[B, k]``, continuing the rows."""
-        before = self.mask.sum(-1, keepdim=True)  # [B, 1] real tokens so far
-        pos = before + token_mask.cumsum(-1) - 1
-        return pos.clamp_min(0)
 
     def extend(self, tokens: Tensor, *, token_mask: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
         """Feed ``tokens [B, k]``; returns logits ``[B, k, V]`` (or the last ``logits_to_keep``)."""
@@ -178,9 +141,7 @@ class ModelState:
         else:
             self.dense = self.dense and bool(token_mask.all())
         positions = self.positions(token_mask)
-        self.ids = torch.cat([self.ids, tokens], dim=1)
-        self.mask = torch.cat([self.mask, token_mask], dim=1)
-        self.forwards += 1
+        self._append_columns(tokens, token_mask)
         if self.use_cache:
             mask = None if self.dense else self.mask  # dense: plain causal path (cheaper)
             out = self.model(
@@ -202,50 +163,19 @@ class ModelState:
         return out.logits
 
     # ------------------------------------------------------------------ rolling back
-    @property
-    def length(self) -> int:
-        """Columns held (cache length), holes and padding included."""
-        return self.ids.shape[1]
-
     def crop(self, num_tokens_to_discard: int) -> None:
         """Forget the last ``num_tokens_to_discard`` columns of every row."""
         if num_tokens_to_discard <= 0:
             return
-        keep = self.length - num_tokens_to_discard
-        self.ids = self.ids[:, :keep]
-        self.mask = self.mask[:, :keep]
-        if not self.dense:  # the masked columns may have been the cropped ones (unused drafts)
-            self.dense = bool(self.mask.all())
+        super().crop(num_tokens_to_discard)
         if self.use_cache:
             prune_cache(self.cache, num_tokens_to_discard)
 
-    def rollback(self, per_row: Tensor) -> None:
-        """Row ``b`` forgets its last ``per_row[b]`` columns (``per_row [B]`` ints >= 0).
-
-        Columns that every row forgets are cropped; for the other rows the forgotten
-        columns become holes (mask 0), which attention and positions then ignore.
-        """
-        per_row = per_row.to(self.ids.device)
-        common = int(per_row.min())
-        self.crop(common)
-        extra = per_row - common  # [B]
-        if int(extra.max()) == 0:
-            return
-        col = torch.arange(self.length, device=self.ids.device)  # [T]
-        hole = col[None, :] >= (self.length - extra)[:, None]  # [B, T]
-        self.mask = self.mask.masked_fill(hole, 0)
-        self.dense = False
-
     # ------------------------------------------------------------------ rows
-    @property
-    def batch_size(self) -> int:
-        return self.ids.shape[0]
-
     def select_rows(self, index: Tensor) -> None:
         """Keep (and reorder) rows: ``index [B']`` of row numbers, in place."""
         index = index.to(self.ids.device)
-        self.ids = self.ids.index_select(0, index)
-        self.mask = self.mask.index_select(0, index)
+        super().select_rows(index)
         if self.use_cache and self.length:
             for layer in self.cache.layers:
                 if getattr(layer, "keys", None) is not None and layer.keys.numel():
@@ -271,32 +201,16 @@ class ModelState:
         return fork
 
     def add_rows(self, other: ModelState) -> None:
-        """Append the rows of ``other`` (a state of the same model, e.g. a freshly prefilled
-        request) below this state's rows, in place: continuous batching. The shorter of the
-        two is left padded to the common length (mask 0, zero keys/values), so every row keeps
-        its positions and attention. ``other`` must not be used afterwards; its forwards not
-        yet taken (``take_forwards``) move along, so take each side's first to credit its rows."""
-        if other.use_cache != self.use_cache or other.model is not self.model:
+        """``KVState.add_rows``; the shorter side's cache is left padded with zero keys/values."""
+        if not isinstance(other, ModelState) or other.use_cache != self.use_cache or other.model is not self.model:
             raise ValueError("add_rows needs a state of the same model and the same use_cache")
         width = max(self.length, other.length)
         kv = None
         if self.use_cache:
             kv = _join_caches(self._padded_kv(width, other), other._padded_kv(width, self))
-        ids_a, mask_a = self._padded_ids(width)
-        ids_b, mask_b = other._padded_ids(width)
-        self.ids = torch.cat([ids_a, ids_b.to(ids_a.device)])  # [B + B', W]
-        self.mask = torch.cat([mask_a, mask_b.to(mask_a.device)])  # [B + B', W]
-        self.dense = bool(self.mask.all())
+        super().add_rows(other)
         if kv is not None:
             self.cache = _cache_from_tensors(kv) if kv else DynamicCache()
-        self.forwards += other.forwards
-        self.credited += other.credited
-
-    def _padded_ids(self, width: int) -> tuple[Tensor, Tensor]:
-        """``ids, mask [B, width]``: this state's columns with ``width - length`` in front."""
-        pad = width - self.length
-        zeros = torch.zeros((self.batch_size, pad), dtype=torch.long, device=self.ids.device)
-        return torch.cat([zeros, self.ids], dim=1), torch.cat([zeros, self.mask], dim=1)
 
     def _padded_kv(self, width: int, like: ModelState) -> list[tuple[Tensor, Tensor]]:
         """Per layer ``(keys, values) [B, H, width, D]``, left padded with zeros; a state that
@@ -312,38 +226,20 @@ class ModelState:
         return [(torch.nn.functional.pad(k, (0, 0, pad, 0)), torch.nn.functional.pad(v, (0, 0, pad, 0)))
                 for k, v in layers]
 
-    def compact(self) -> None:
-        """Remove holes: move each row's real tokens to the right (more left padding).
+    # ------------------------------------------------------------------ holes
+    def compact(self) -> Tensor | None:
+        """``KVState.compact``; the cache's columns move with the tokens."""
+        order = super().compact()
+        if order is None or not self.use_cache:
+            return order
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is None or not layer.keys.numel():
+                continue
+            idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys = layer.keys.gather(2, idx)
+            layer.values = layer.values.gather(2, idx)
+        return order
 
-        Holes cost attention work; strategies that create many (batched speculation)
-        call this now and then. Columns that are padding in every row are dropped.
-        """
-        real = self.mask.bool()  # [B, T]
-        n_real = real.sum(-1)  # [B]
-        width = int(n_real.max())
-        if width == self.length and bool(real[:, -width:].all()):
-            return
-        # order: padding/holes first (stable), then real tokens in their original order
-        order = torch.argsort(real.to(torch.int8), dim=-1, stable=True)[:, -width:]  # [B, W]
-        self.ids = self.ids.gather(1, order)
-        self.mask = self.mask.gather(1, order)
-        self.dense = bool(self.mask.all())
-        if self.use_cache:
-            for layer in self.cache.layers:
-                if getattr(layer, "keys", None) is None or not layer.keys.numel():
-                    continue
-                idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-                layer.keys = layer.keys.gather(2, idx)
-                layer.values = layer.values.gather(2, idx)
-
-    def compact_holes(self, holes_per_row: int) -> None:
-        """Compact once holes exceed ``holes_per_row`` per row (they cost attention work),
-        or at once for sliding-window models (where holes would count as context)."""
-        limit = 0 if uses_sliding_window(self.model) else holes_per_row * self.batch_size
-        if self.holes() > limit:
-            self.compact()
-
-    def holes(self) -> int:
-        """Number of masked columns that sit after a real token (not left padding)."""
-        started = self.mask.cumsum(-1) > 0
-        return int((started & (self.mask == 0)).sum())
+    def holes_count_as_context(self) -> bool:
+        """Sliding-window attention counts cache columns, holes included."""
+        return uses_sliding_window(self.model)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from decodekit.kvstate import backend_of
+
 __all__ = ["CostCurve", "VerifyCost", "forward_cost_curve", "batch_bucket", "calibration_key",
            "calibration_file", "cpu_model", "GRID", "CURVES", "model_key", "monotone", "measure_forwards"]
 
@@ -66,13 +68,14 @@ def model_key(model) -> tuple:
     float twin), backend and device; a model without a name is told apart by its identity."""
     from decodekit.quant import quant_scheme
 
+    backend = backend_of(model)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    param = next(model.parameters(), None)  # None: a model run outside torch (llama.cpp backend)
+    param = next(model.parameters()) if backend.in_torch else None
     dtype, device = (str(param.dtype), str(param.device)) if param is not None else (None, str(model.device))
     name = getattr(cfg, "_name_or_path", "")
     return (type(model).__name__, name, getattr(cfg, "num_hidden_layers", None),
             getattr(cfg, "hidden_size", None), getattr(cfg, "vocab_size", None), dtype, quant_scheme(model),
-            getattr(model, "decodekit_backend", "torch"), device, 0 if name else id(model))
+            backend.name, device, 0 if name else id(model))
 
 
 def cpu_model() -> str:

@@ -1,9 +1,11 @@
 """The llama.cpp backend: a GGUF model run by llama.cpp (llama-cpp-python's C API) behind
-``ModelState``'s interface, so every strategy runs unchanged at llama.cpp's speed.
+the ``KVState`` interface (``decodekit.kvstate``), so every strategy runs unchanged at llama.cpp's
+speed. It imports no transformers code.
 
 ``load_model(spec, backend="llama.cpp")`` returns a ``LlamaCppModel``: one llama.cpp
 context with up to ``n_seq_max`` sequences, each with its own KV stream of ``n_ctx`` cells.
-``ModelState.empty`` / ``prefill`` on such a model return a ``LlamaCppState``, which maps
+The module registers ``LlamaCppModel``'s backend (``register_backend``), so ``ModelState.empty`` /
+``prefill`` on such a model return a ``LlamaCppState``, which maps
 each row of the batch to one llama.cpp sequence id:
 
 * ``extend`` feeds every row's real tokens in ONE ``llama_decode`` batch (each token with
@@ -16,7 +18,7 @@ verify forward of ``k`` drafts is not bitwise the ``k`` one-token forwards of gr
 "lossless" holds up to near-ties, as for llama.cpp's own speculative decoding.
 * ``crop`` / ``rollback`` remove each row's tail with ``llama_memory_seq_rm`` (positions
   are per sequence, so ragged rollback needs no holes in the cache; the ``ids``/``mask``
-  columns keep ModelState's bookkeeping, holes included, for the strategies),
+  columns keep KVState's bookkeeping, holes included, for the strategies),
 * ``select_rows`` drops sequences that leave and copies the ones picked twice (beams)
   with ``llama_memory_seq_cp`` (a copy of the sequence's KV stream),
 * ``fork`` copies rows into new sequences (EIS rollouts, shared prompts).
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from decodekit.cache import ModelState
+from decodekit.kvstate import Backend, KVState, register_backend
 from decodekit.validation import DecodeKitError
 
 __all__ = ["LlamaCppModel", "LlamaCppState", "check_llama_cpp", "llama_cpp_available", "requantized",
@@ -101,8 +103,6 @@ class LlamaCppModel(nn.Module):
     ``training`` / ``eval()``. Calling it (``forward``) runs one batch through
     ``llama_decode``, so forward hooks (the benchmark's forward counter) see every call.
     """
-
-    decodekit_backend = "llama.cpp"  # read (duck-typed) where a backend differs: drafters, checks
 
     def __init__(self, path: str | Path, *, n_ctx: int = DEFAULT_N_CTX, n_seq_max: int = DEFAULT_N_SEQ_MAX,
                  n_threads: int | None = None):
@@ -249,14 +249,13 @@ class LlamaCppModel(nn.Module):
             pass
 
 
-class LlamaCppState(ModelState):
-    """``ModelState`` on a ``LlamaCppModel`` (see the module docstring). ``ids``/``mask``
-    keep ModelState's column bookkeeping (holes and compaction included); the KV cache lives
+class LlamaCppState(KVState):
+    """The llama.cpp backend's ``KVState`` (see the module docstring). ``ids``/``mask``
+    keep KVState's column bookkeeping (holes and compaction included); the KV cache lives
     in llama.cpp, row ``b`` in sequence ``seqs[b]`` holding ``pos[b]`` tokens."""
 
     def __init__(self, model: LlamaCppModel, ids: Tensor, mask: Tensor, seqs: list[int], pos: list[int]):
-        # use_cache=False: ModelState's own methods then touch only ids/mask, never a torch cache
-        super().__init__(model, ids, mask, None, use_cache=False)
+        super().__init__(model, ids, mask)
         self.seqs = seqs  # row -> llama.cpp sequence id
         self.pos = pos  # row -> tokens of the row in the KV cache (its next position)
 
@@ -287,9 +286,7 @@ class LlamaCppState(ModelState):
         seqs = torch.tensor(self.seqs)[rows]
         logits = self._decode(tokens[real], pos[real], seqs, kept)  # [n_out, V]
         self.pos = (torch.tensor(self.pos) + token_mask.sum(-1)).tolist()
-        self.ids = torch.cat([self.ids, tokens], dim=1)
-        self.mask = torch.cat([self.mask, token_mask], dim=1)
-        self.forwards += 1
+        self._append_columns(tokens, token_mask)
         if logits.shape[0] == batch * keep:  # every kept position is real (the usual case)
             return logits.view(batch, keep, -1)
         out = torch.zeros(batch * keep, self.model.n_vocab)
@@ -358,11 +355,11 @@ class LlamaCppState(ModelState):
 
     def add_rows(self, other: LlamaCppState) -> None:
         """Append ``other``'s rows (continuous batching): its sequences move to this state."""
-        if other.model is not self.model:
+        if not isinstance(other, LlamaCppState) or other.model is not self.model:
             raise ValueError("add_rows needs a state of the same model")
         seqs, pos = other.seqs, other.pos
         other.seqs = []  # owned by this state now: ``other`` gives nothing back when collected
-        super().add_rows(other)  # ids/mask bookkeeping only (use_cache=False)
+        super().add_rows(other)  # ids/mask bookkeeping
         self.seqs, self.pos = self.seqs + seqs, self.pos + pos
 
     def release(self) -> None:
@@ -379,4 +376,6 @@ class LlamaCppState(ModelState):
             pass
 
 
-LlamaCppModel.state_class = LlamaCppState  # ModelState.empty(model, ...) dispatches on this
+# ModelState.empty / prefill on a LlamaCppModel give a LlamaCppState; records name the GGUF weight type
+register_backend(LlamaCppModel, Backend("llama.cpp", LlamaCppState, dtype_name=lambda model: model.dtype_name,
+                                        in_torch=False))

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from decodekit.cache import ModelState, left_pad
+from decodekit.kvstate import backend_of
 from decodekit.model_info import vocab_size
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.drafting import Draft, Drafter, chain_draft, draw_draft, maybe_compact
@@ -169,7 +170,7 @@ def is_eagle_spec(drafter) -> bool:
 
 def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
     """``drafter``: a ``Drafter``, a causal LM, ``"layers:N"``, ``"eagle"`` / ``"eagle:DIR"``
-    (a trained draft head, ``strategies/eagle.py``) or a model spec for ``load_model``
+    (a trained draft head, ``strategies/eagle/``) or a model spec for ``load_model``
     (bundled name, directory, .gguf). Checks vocabulary and device."""
     if isinstance(drafter, Drafter):
         return drafter
@@ -185,10 +186,10 @@ def resolve_drafter(drafter, req: DecodeRequest) -> Drafter:
             return resolve_eagle(drafter.strip(), req.model)
         from decodekit.models import load_model
 
-        backend = getattr(req.model, "decodekit_backend", None)  # llama.cpp: the drafter runs there too
-        dtype = None if backend else next(req.model.parameters()).dtype
+        backend = backend_of(req.model)  # a llama.cpp target: the drafter runs there too
+        dtype = next(req.model.parameters()).dtype if backend.in_torch else None
         model, tokenizer = load_model(drafter, dtype=dtype, device=str(req.model.device), param="drafter",
-                                      backend=backend)
+                                      backend=None if backend.in_torch else backend.name)
         _check_tokenizers(req.tokenizer, tokenizer)
         drafter = model
     if not isinstance(drafter, nn.Module) or not hasattr(drafter, "config"):
