@@ -30,8 +30,9 @@ The policies (``POLICIES``):
   one level for a draft model) an acceptance estimate; one draft width for the batch that
   maximises the batch's expected tokens per second, possibly 0 (see ``AdaptivePolicy``).
 
-``cost`` and ``adaptive`` estimate the per-token acceptance with the same estimator,
-``Acceptance``.
+``cost`` and ``adaptive`` share one throughput estimator (``decodekit.strategies.throughput``:
+``Acceptance`` for the per-token acceptance, ``best_width`` for the width with the most
+expected tokens per second).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ from torch import Tensor
 
 from decodekit.costs import CostCurve, VerifyCost, batch_bucket, forward_cost_curve
 from decodekit.strategies.options import Options, option
+from decodekit.strategies.throughput import (
+    ADAPTIVE_ESTIMATE,
+    COST_ESTIMATE,
+    Acceptance,
+    best_width,
+    expected_tokens,
+)
 from decodekit.validation import DecodeKitError, check_choice, check_float, check_int
 
 __all__ = [
@@ -109,59 +117,6 @@ class DraftPolicy:
 
 class FixedPolicy(DraftPolicy):
     """Always ``gamma`` drafts."""
-
-
-# ---------------------------------------------------------------------------- acceptance
-
-
-def expected_tokens(k: int, a: float) -> float:
-    """Expected tokens emitted by one verify step with ``k`` drafts, each accepted
-    independently with probability ``a``: ``1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)``."""
-    if a >= 1.0:
-        return float(k + 1)
-    return (1.0 - a ** (k + 1)) / (1.0 - a)
-
-
-class Acceptance:
-    """The one estimate of the per-token acceptance ``a`` (``cost`` and ``adaptive`` use it).
-
-    ``a`` is the maximum-likelihood estimate for a truncated geometric, ``accepted /
-    (accepted + rejections)``, where a rejection is a step that accepted fewer drafts than
-    it drafted. The counts forget exponentially (``decay`` per update) so the estimate
-    follows the text. A prior of ``prior = (accepted, rejected)`` pseudo-counts is added:
-    ``fixed_prior=True`` keeps it forever (after a stretch without drafting the estimate
-    drifts back to the prior and the policy probes again: ``cost``), otherwise it starts the
-    counts and forgets like an observation (``adaptive``: per row and evidence level, where
-    stale levels should stay quiet). A step without drafts forgets by ``idle_decay`` (``idle``):
-    slower than an observation, so a drafter that keeps failing is probed again only every
-    ~100 steps, not every ~15 (each probe costs a multi-token forward and the drafter's steps).
-    Each policy's constants are the ones it was measured with (``COST_ESTIMATE``,
-    ``ADAPTIVE_ESTIMATE``).
-    """
-
-    def __init__(self, decay: float, prior: tuple[float, float], fixed_prior: bool, idle_decay: float = 1.0):
-        self.decay, self.fixed_prior, self.idle_decay = decay, fixed_prior, idle_decay
-        self.prior = prior if fixed_prior else (0.0, 0.0)
-        self.accepted, self.rejected = (0.0, 0.0) if fixed_prior else prior  # decayed observations
-
-    def add(self, accepted: float, rejected: float) -> None:
-        self.accepted = self.decay * self.accepted + accepted
-        self.rejected = self.decay * self.rejected + rejected
-
-    def idle(self) -> None:
-        """A step that drafted nothing: no evidence, the counts fade slowly toward the prior."""
-        self.accepted *= self.idle_decay
-        self.rejected *= self.idle_decay
-
-    @property
-    def rate(self) -> float:
-        accepted, rejected = self.accepted + self.prior[0], self.rejected + self.prior[1]
-        return accepted / max(accepted + rejected, 1e-9)
-
-
-# decay, prior (accepted, rejected), fixed prior: as measured for each policy (README, bench)
-COST_ESTIMATE = dict(decay=0.95, prior=(2.0, 1.0), fixed_prior=True, idle_decay=0.99)  # a = 2/3, probes again
-ADAPTIVE_ESTIMATE = dict(decay=0.8, prior=(1.0, 1.0), fixed_prior=False)  # a = 1/2 at first
 
 
 # ---------------------------------------------------------------------------- EGAG
@@ -295,16 +250,18 @@ class CostPolicy(DraftPolicy):
     def acceptance(self) -> float:
         return self.estimate.rate
 
-    def tokens_per_second(self, k: int, batch: int, level: int = 0) -> float:
-        seconds = self.cost(k + 1, batch) + k * self.drafter.level_cost(level, batch)
-        return batch * expected_tokens(k, self.level(level).rate) / max(seconds, 1e-9)
+    def step_seconds(self, k: int, batch: int, level: int = 0) -> float:
+        """``T(k)``: the verify forward over ``k + 1`` tokens and ``k`` drafting steps."""
+        return self.cost(k + 1, batch) + k * self.drafter.level_cost(level, batch)
 
     def choose(self, rows: list[list[int]]) -> Tensor:
         """One ``k`` per evidence level the rows would draft from now (one level: one ``k``)."""
         batch = len(rows)
         levels = self.drafter.levels(rows) or [0] * batch
         ks = [0, *range(self.gamma_min, self.gamma_max + 1)]
-        best = {lv: max(ks, key=lambda k: self.tokens_per_second(k, batch, lv)) for lv in set(levels)}
+        best = {lv: best_width(ks, [self.gamma_max] * batch, [self.level(lv).rate] * batch,
+                               lambda k, lv=lv: self.step_seconds(k, batch, lv))
+                for lv in set(levels)}
         self.last_levels = levels
         self.last_choice = max(best.values())
         return torch.tensor([best[lv] for lv in levels], dtype=torch.long)
@@ -367,20 +324,15 @@ class AdaptivePolicy(DraftPolicy):
         """Drafts worth sending now (0..available) for a row whose evidence is ``level``."""
         if available == 0:
             return 0
-        a = self.estimate(row, level).rate
-        ks = range(min(available, len(self.cost) - 1) + 1)
-        return max(ks, key=lambda k: expected_tokens(k, a) / self.cost[k])
+        widths = range(min(available, len(self.cost) - 1) + 1)
+        return best_width(widths, [available], [self.estimate(row, level).rate], self.cost.__getitem__)
 
     def batch_budget(self, levels: list[int], available: list[int]) -> list[int]:
         """Drafts each row sends (``min(available[b], K)``) for the batch's best width ``K``."""
         self.rescale(len(levels))
         rates = [self.estimate(i, level).rate if n else 0.0 for i, (level, n) in enumerate(zip(levels, available))]
         top = min(max(available, default=0), len(self.cost) - 1)
-
-        def speed(width: int) -> float:  # expected tokens of the batch per second
-            return sum(expected_tokens(min(n, width), a) for n, a in zip(available, rates)) / self.cost[width]
-
-        width = max(range(top + 1), key=speed)
+        width = best_width(range(top + 1), available, rates, self.cost.__getitem__)
         return [min(n, width) for n in available]
 
     def rescale(self, batch: int) -> None:
