@@ -15,7 +15,8 @@ from decodekit import cli  # noqa: E402
 from decodekit.io import encode_prompts  # noqa: E402
 from decodekit.serve import metrics as prom  # noqa: E402
 from decodekit.serve.app import create_app  # noqa: E402
-from decodekit.serve.protocol import Choice, encode_chat, parse_chat, parse_completion  # noqa: E402
+from decodekit.serve.protocol import encode_chat, parse_chat, parse_completion  # noqa: E402
+from decodekit.serve.responses import Choice  # noqa: E402
 from decodekit.validation import DecodeKitError  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"

@@ -54,7 +54,7 @@ from decodekit.serve.protocol import (
     parse_chat,
     parse_completion,
 )
-from decodekit.serve.protocol import Response as Answer
+from decodekit.serve.responses import Response as Answer
 from decodekit.serve.shutdown import SHUTDOWN_CODE, Drain, graceful_server
 from decodekit.validation import DecodeKitError
 

@@ -1,12 +1,12 @@
-"""The OpenAI wire format: requests in, ``EngineRequest`` parameters out; engine events back
-into ``chat.completion`` / ``text_completion`` responses and server-sent-event chunks.
+"""The OpenAI wire format, requests: a body in, ``EngineRequest`` parameters out (the
+responses are ``decodekit.serve.responses``).
 
 A request becomes ``Parsed``: the prompt's token ids and ``params``, exactly the keyword
 arguments ``decodekit.generate`` takes. OpenAI's names map onto transformers'/decodekit's:
 ``max_tokens`` -> ``max_new_tokens``, ``stop`` -> ``stop_strings``, ``n`` ->
 ``num_return_sequences``, ``logprobs``/``top_logprobs`` -> ``logprobs``. The ``decoding``
-extension object holds ``strategy`` and that strategy's options, validated by the same
-``Options`` as the CLI (``strategies.build_options``), plus the logits-processor knobs.
+extension object holds ``strategy`` and that strategy's options, plus the logits-processor
+knobs; everything is checked by ``GenerateParams.from_kwargs``, as ``generate`` and the CLI check it.
 
 Errors are ``DecodeKitError`` (one line naming the field); ``error_param`` finds which
 OpenAI field a message is about, for the error body's ``param``.
@@ -15,18 +15,15 @@ OpenAI field a message is about, for the error body's ``param``.
 from __future__ import annotations
 
 import re
-import time
-import uuid
 from dataclasses import dataclass, field
 
-from decodekit.detok import IncrementalDetokenizer
 from decodekit.io import encode_text
+from decodekit.params import GenerateParams
 from decodekit.processors import PROCESSOR_OPTIONS
-from decodekit.strategies import build_options, get_strategy
+from decodekit.strategies import get_strategy
 from decodekit.validation import MAX_SEED, DecodeKitError, check_float, check_int, check_top_p
 
-__all__ = ["Parsed", "FieldError", "parse_chat", "parse_completion", "encode_chat", "error_param", "error_body",
-           "Choice", "Response"]
+__all__ = ["Parsed", "FieldError", "parse_chat", "parse_completion", "encode_chat", "error_param", "error_body"]
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -149,7 +146,6 @@ def _params(body: dict, default_max: int, origins: dict) -> dict:
     n = check_int("n", body.get("n", 1), min_value=1, max_value=MAX_N)
     if n > 1:
         options["num_return_sequences"] = n
-    build_options(strategy, options, knobs)  # the CLI's validation: unknown options named
     if body.get("max_tokens") is not None:  # checked even when max_completion_tokens wins
         check_int("max_tokens", body["max_tokens"], min_value=1)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
@@ -179,9 +175,7 @@ def _response_format(value) -> dict:
 
 
 def _constraint(body: dict, origins: dict) -> dict:
-    """``response_format`` or one of vLLM's ``guided_*`` fields -> a checked constraint keyword."""
-    from decodekit.constraints import ConstraintSpec
-
+    """``response_format`` or one of vLLM's ``guided_*`` fields -> a constraint keyword."""
     given = {}
     if body.get("response_format") is not None:
         given = _response_format(body["response_format"])
@@ -191,7 +185,6 @@ def _constraint(body: dict, origins: dict) -> dict:
             if keyword in given:
                 raise DecodeKitError(f"give one of response_format and {name}, not both")
             given[keyword], origins[keyword] = body[name], name
-    ConstraintSpec.from_options(**given)
     return given
 
 
@@ -265,8 +258,7 @@ def parse_chat(body: dict, tokenizer, model_id: str, origins: dict, default_max:
         parsed.logprobs = 0 if top is None else check_int("top_logprobs", top, min_value=0, max_value=20)
     elif body.get("top_logprobs") is not None:
         raise DecodeKitError("top_logprobs needs logprobs: true")
-    _set_logprobs(parsed, "top_logprobs")
-    return parsed
+    return _checked(parsed, "top_logprobs")
 
 
 @_named
@@ -284,14 +276,17 @@ def parse_completion(body: dict, tokenizer, model_id: str, origins: dict, defaul
     logprobs = body.get("logprobs")
     if logprobs is not None:
         parsed.logprobs = check_int("logprobs", logprobs, min_value=0, max_value=20)
-    _set_logprobs(parsed, "logprobs")
-    return parsed
+    return _checked(parsed, "logprobs")
 
 
-def _set_logprobs(parsed: Parsed, name: str) -> None:
+def _checked(parsed: Parsed, name: str) -> Parsed:
+    """``parsed`` with its logprobs (OpenAI field ``name``), its ``params`` checked by
+    ``GenerateParams.from_kwargs``: the one model-free check ``generate``, the CLI and Ray make."""
     if parsed.logprobs is not None:
         parsed.params["logprobs"] = parsed.logprobs
         parsed.origins["logprobs"] = name
+    GenerateParams.from_kwargs(**parsed.params)
+    return parsed
 
 
 def _content(message: dict, i: int) -> str:
@@ -380,148 +375,3 @@ def error_param(message: str, origins: dict) -> str | None:
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-class Choice:
-    """One choice's text as its tokens arrive: incremental detokenization, the OpenAI
-    treatment of ``stop`` (the text ends before the stop sequence, which is never streamed),
-    per-token records for the ``decodekit`` extension and logprobs."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.text, self.sent = "", 0  # text so far (cut at a stop sequence) and how much was given out
-        self.stopped = False
-        self.token_ids: list[int] = []
-        self.tokens: list[dict] = []  # {"id", "text", "kind", "logprob"}
-        self.top: list[list[dict]] = []  # alternatives per token (when asked)
-        self.finish_reason: str | None = None
-        self.stats: dict = {}
-
-    def add(self, event) -> tuple[str, list[dict]]:
-        """A ``TokenEvent`` -> (text safe to send now, its token records)."""
-        new = []
-        for i, tok in enumerate(event.token_ids):
-            piece = self.detok.push([tok])
-            logprob = event.logprobs[i] if event.logprobs else None
-            record = {"id": int(tok), "text": piece, "kind": event.kinds[i] if event.kinds else "plain",
-                      "logprob": logprob}
-            self.token_ids.append(int(tok))
-            new.append(record)
-            if event.top_logprobs:
-                self.top.append(event.top_logprobs[i])
-            self._append(piece)
-        self.tokens += new
-        return self._ready(), new
-
-    def _append(self, piece: str) -> None:
-        if self.stopped or not piece:
-            return
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
-        self.text += piece
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
-
-    def _ready(self, final: bool = False) -> str:
-        hold = 0
-        if not (final or self.stopped):  # a tail that may begin a stop sequence waits
-            hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        end = max(self.sent, len(self.text) - hold)
-        out, self.sent = self.text[self.sent : end], end
-        return out
-
-    def finish(self, event) -> str:
-        """A ``DoneEvent`` -> the text still held back."""
-        self._append(self.detok.flush())
-        self.finish_reason = "stop" if self.stopped else event.finish_reason
-        self.stats = dict(event.stats or {})
-        if isinstance(self.stats.get("beams"), list):  # the playground shows beams as text
-            self.stats["beams"] = [{**b, "text": self.tokenizer.decode(b.get("token_ids", []), skip_special_tokens=True)}
-                                   for b in self.stats["beams"]]
-        return self._ready(final=True)
-
-    def chat_logprobs(self, records: list[dict], start: int) -> dict:
-        return {"content": [self._entry(r, start + i) for i, r in enumerate(records)]}
-
-    def _entry(self, record: dict, position: int) -> dict:
-        text = self.tokenizer.decode([record["id"]])
-        alternatives = self.top[position] if position < len(self.top) else []
-        return {"token": text, "logprob": record["logprob"], "bytes": list(text.encode()),
-                "top_logprobs": [{"token": (t := self.tokenizer.decode([a["token_id"]])), "logprob": a["logprob"],
-                                  "bytes": list(t.encode())} for a in alternatives]}
-
-    def text_logprobs(self, records: list[dict], start: int) -> dict:
-        entries = [self._entry(r, start + i) for i, r in enumerate(records)]
-        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries]}
-
-
-class Response:
-    """Builds the chunks and the final body of one request (``Parsed``)."""
-
-    def __init__(self, parsed: Parsed, tokenizer):
-        self.parsed = parsed
-        prefix = "chatcmpl" if parsed.kind == "chat" else "cmpl"
-        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.object = "chat.completion" if parsed.kind == "chat" else "text_completion"
-        self.choices = [Choice(tokenizer, parsed.stop) for _ in range(parsed.n)]
-        self.started: set[int] = set()
-
-    def _chunk(self, choice: dict) -> dict:
-        kind = "chat.completion.chunk" if self.parsed.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.parsed.model,
-                "choices": [choice]}
-
-    def _piece(self, index: int, text: str) -> dict:
-        if self.parsed.kind == "text":
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": None}
-        delta = {"content": text}
-        if index not in self.started:
-            self.started.add(index)
-            delta["role"] = "assistant"
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-
-    def token_chunk(self, event) -> dict:
-        choice = self.choices[event.index]
-        start = len(choice.tokens)
-        text, records = choice.add(event)
-        out = self._piece(event.index, text)
-        if self.parsed.logprobs is not None:
-            log = choice.chat_logprobs if self.parsed.kind == "chat" else choice.text_logprobs
-            out["logprobs"] = log(records, start)
-        out["decodekit"] = {"tokens": records}
-        return self._chunk(out)
-
-    def done_chunk(self, event) -> dict:
-        choice = self.choices[event.index]
-        out = self._piece(event.index, choice.finish(event))
-        out.update(finish_reason=choice.finish_reason, decoding_stats=choice.stats)
-        return self._chunk(out)
-
-    def usage(self) -> dict:
-        completion = sum(len(c.token_ids) for c in self.choices)
-        prompt = len(self.parsed.prompt_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def usage_chunk(self) -> dict:
-        return {"id": self.id, "object": self._chunk({})["object"], "created": self.created,
-                "model": self.parsed.model, "choices": [], "usage": self.usage()}
-
-    def body(self) -> dict:
-        """The non-streaming response, once every choice is done."""
-        choices = []
-        for i, c in enumerate(self.choices):
-            logprobs = None
-            if self.parsed.logprobs is not None:
-                logprobs = (c.chat_logprobs if self.parsed.kind == "chat" else c.text_logprobs)(c.tokens, 0)
-            entry = {"index": i, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                     "decoding_stats": c.stats, "decodekit": {"tokens": c.tokens}}
-            if self.parsed.kind == "chat":
-                entry["message"] = {"role": "assistant", "content": c.text}
-            else:
-                entry["text"] = c.text
-            choices.append(entry)
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.parsed.model,
-                "choices": choices, "usage": self.usage(), "decoding_stats": self.choices[0].stats}
