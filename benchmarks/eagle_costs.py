@@ -17,10 +17,10 @@ import torch
 
 import decodekit as dk
 from decodekit.cache import left_pad
-from decodekit.eagle import training_prompts
 from decodekit.io import encode_prompts
 from decodekit.strategies.draft_policy import forward_cost_curve
 from decodekit.strategies.eagle import resolve_eagle
+from decodekit.strategies.eagle.train import training_prompts
 
 
 def head_costs(model, dtype: str, batch_sizes: list[int]) -> None:

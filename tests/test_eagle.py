@@ -14,7 +14,6 @@ import torch
 
 from decodekit import DecodeKitError, generate
 from decodekit.cli import main
-from decodekit.eagle import acceptance_by_depth, training_prompts
 from decodekit.strategies.eagle import (
     EagleDrafter,
     EagleHead,
@@ -23,6 +22,7 @@ from decodekit.strategies.eagle import (
     load_head,
     take_hidden,
 )
+from decodekit.strategies.eagle.train import acceptance_by_depth, training_prompts
 from test_speculative import N_SAMPLES, TV_BOUND, _exact_marginals, _peaked, _tv_by_position
 
 from conftest import CHAT_PROMPTS, chat_batch, tiny_llama
@@ -239,7 +239,7 @@ SHIPPED = Path(str(resources.files("decodekit").joinpath("drafters", "smollm2-13
 
 
 def test_shipped_head_matches_its_card():
-    from decodekit.eagle import weights_hash
+    from decodekit.strategies.eagle.train import weights_hash
 
     card = json.loads((SHIPPED / "card.json").read_text())
     digest = hashlib.sha256((SHIPPED / "model.safetensors").read_bytes()).hexdigest()

@@ -11,8 +11,8 @@ from decodekit.constraints import (
     forced_tokens,
 )
 from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
-from decodekit.eagle import TrainConfig, train_drafter
 from decodekit.io import encode_prompts, load_prompts
+from decodekit.kvstate import Backend, KVState, backend_of, register_backend
 from decodekit.llamacpp import LlamaCppModel, LlamaCppState
 from decodekit.model_info import context_length, default_eos_pad, vocab_size
 from decodekit.models import (
@@ -73,6 +73,7 @@ from decodekit.strategies import STRATEGIES
 from decodekit.strategies.beam import format_beam_trace
 from decodekit.strategies.drafting import Draft, Drafter
 from decodekit.strategies.eagle import EagleDrafter, EagleHead, load_head
+from decodekit.strategies.eagle.train import TrainConfig, train_drafter
 from decodekit.strategies.eis import format_eis_trace
 from decodekit.strategies.ngram import AcceptanceGate, NgramDrafter, PromptLookupDrafter
 from decodekit.strategies.refine import decode_jacobi, decode_refine, format_refine_trace
@@ -112,6 +113,10 @@ __all__ = [
     "context_length",
     "default_eos_pad",
     "ModelState",
+    "KVState",
+    "Backend",
+    "backend_of",
+    "register_backend",
     "left_pad",
     "prune_cache",
     "GenerationOutput",

@@ -382,7 +382,7 @@ def run_serve(args) -> int:
 
 
 def build_train_drafter_parser(sub) -> argparse.ArgumentParser:
-    from decodekit.eagle import TrainConfig
+    from decodekit.strategies.eagle.train import TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train-drafter", help="train an EAGLE-style draft head for a model (--drafter eagle:DIR)",
@@ -414,8 +414,8 @@ def build_train_drafter_parser(sub) -> argparse.ArgumentParser:
 def run_train_drafter(args) -> int:
     from pathlib import Path
 
-    from decodekit.eagle import TrainConfig, check_out_dir, train_drafter
     from decodekit.models import DTYPES, check_model_spec, load_model, resolve_device
+    from decodekit.strategies.eagle.train import TrainConfig, check_out_dir, train_drafter
 
     cfg = TrainConfig(draft_vocab=args.draft_vocab, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                       epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -1,5 +1,5 @@
 """The prompt suites shipped in ``decodekit/data``: what the bench measures on, and what
-draft-head training must leave out (``decodekit.eagle.training_prompts``). Both read them
+draft-head training must leave out (``decodekit.strategies.eagle.training_prompts``). Both read them
 from here, so training does not import the bench."""
 
 from __future__ import annotations

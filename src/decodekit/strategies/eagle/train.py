@@ -13,7 +13,7 @@
 4. **Evaluation**: greedy speculative decoding with the head on held-out prompts (the chat
    suite, which training never sees): acceptance by draft depth, mean accepted length.
 
-The head itself and the drafter live in ``strategies/eagle.py``.
+The head is ``head.py``, its files ``storage.py``, the drafter ``drafter.py``.
 """
 
 from __future__ import annotations
@@ -30,14 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from decodekit.cache import left_pad
-from decodekit.strategies.eagle import (
-    CARD_FILE,
-    HEAD_FILE,
-    EagleDrafter,
-    EagleHead,
-    save_head,
-    target_fingerprint,
-)
+from decodekit.strategies.eagle.drafter import EagleDrafter
+from decodekit.strategies.eagle.head import EagleHead, decoder_of, target_fingerprint
+from decodekit.strategies.eagle.storage import CARD_FILE, HEAD_FILE, save_head
 from decodekit.validation import DecodeKitError, check_int
 
 __all__ = ["TrainConfig", "train_drafter", "training_prompts", "collect", "acceptance_by_depth",
@@ -153,7 +148,7 @@ class _Recorder:
         self.hidden: list[Tensor] = []
         self.greedy: list[Tensor] = []
         self.handles = [
-            model.model.norm.register_forward_pre_hook(lambda m, a: self.hidden.append(a[0].float().cpu())),
+            decoder_of(model).norm.register_forward_pre_hook(lambda m, a: self.hidden.append(a[0].float().cpu())),
             model.get_output_embeddings().register_forward_hook(
                 lambda m, a, out: self.greedy.append(out[:, -1].argmax(-1).cpu())),
         ]
@@ -251,7 +246,7 @@ def _loss(head: EagleHead, batch: dict, scale: Tensor) -> tuple[Tensor, dict]:
     """EAGLE's loss on one batch: smooth L1 on scaled features + token cross-entropy. While
     training, the input features get EAGLE's uniform noise (``FEATURE_NOISE`` x each
     dimension's std): the head drafts from its own, imperfect features."""
-    from decodekit.strategies.eagle import additive_mask
+    from decodekit.strategies.eagle.head import additive_mask
 
     device = head.device
     b = {k: v.to(device) for k, v in batch.items()}
@@ -380,7 +375,7 @@ def _data(model, tokenizer, cfg: TrainConfig, out: Path) -> tuple[list[dict], di
         samples = collect(model, tokenizer, prompts, cfg, bar)
     generated = sum(int((s["greedy"] >= 0).sum()) for s in samples)
     info = dict(source="self-distillation: the target's own answers (chat template) to held-in prompts "
-                       "(decodekit.eagle.training_prompts: topics x tasks; benchmark suites excluded)",
+                       "(decodekit.strategies.eagle.training_prompts: topics x tasks; benchmark suites excluded)",
                 prompts=len(prompts), greedy_batches="even", sampled_batches=f"odd (temperature {SAMPLE_TEMPERATURE})",
                 max_new_tokens=cfg.max_new_tokens, generated_tokens=generated,
                 total_tokens=sum(int(s["tokens"].shape[0]) for s in samples),

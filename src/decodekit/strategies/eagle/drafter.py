@@ -1,0 +1,161 @@
+"""``EagleDrafter``: chain drafting with an EAGLE head on the target's hidden states, and
+``resolve_eagle`` for the ``eagle`` / ``eagle:DIR`` drafter specs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from decodekit.cache import ModelState, left_pad
+from decodekit.strategies.base import DecodeRequest
+from decodekit.strategies.drafting import Draft, Drafter, chain_draft, draw_draft, maybe_compact
+from decodekit.strategies.eagle.head import EagleHead, HeadModel, capture_hidden, take_hidden
+from decodekit.strategies.eagle.storage import HEAD_FILE, load_head, shipped_head_dir
+from decodekit.strategies.verify import VerifyResult
+from decodekit.validation import DecodeKitError
+
+__all__ = ["EagleDrafter", "resolve_eagle"]
+
+
+class EagleDrafter(Drafter):
+    """Chain drafting with an ``EagleHead`` on the target's hidden states.
+
+    Head column ``j`` of row ``b`` is the pair ``(f_j, x_{j+1})``. ``pending[b]`` holds the
+    target features the head has not consumed yet (the prompt's at first, then each verify
+    forward's kept ones: ``[last, accepted drafts]``). ``propose`` feeds the pending pairs
+    (right aligned, left padding masked), drafts from the last output, and feeds its own
+    predicted features for drafts ``2..k``; ``update`` crops those ``k - 1`` self-fed columns
+    (the target's true features replace them) and queues the new features.
+    """
+
+    name = "eagle"
+
+    def __init__(self, target, head: EagleHead):
+        self.target, self.head = target, head
+        self.model = head.__dict__.setdefault("_state_model", HeadModel(head))  # one per head (add_rows)
+        self.memory = head.__dict__.setdefault("_drafter_memory", {})
+        self.state: ModelState | None = None
+        self.pending: list[Tensor] = []
+        self.consumed: list[int] = []
+        self.fed = 0
+        self._costs: dict[int, float] = head.__dict__.setdefault("_step_costs", {})
+        capture_hidden(target)
+
+    def prefill(self, req: DecodeRequest) -> None:
+        """Take the prompt's features from the target's prefill (which ran just before)."""
+        self.req = req
+        batch = req.input_ids.shape[0]
+        self.state = ModelState.empty(self.model, batch)
+        self.consumed, self.fed = [0] * batch, 0
+        hidden = take_hidden(self.target)  # [B or P, T', H]
+        if hidden is None:  # nothing fed (a one-token prompt without first_target)
+            self.pending = [self._no_features() for _ in range(batch)]
+            return
+        if req.shared is not None:
+            hidden = hidden.index_select(0, req.shared.to(hidden.device))
+        mask = req.attention_mask[:, : hidden.shape[1]].to(hidden.device).bool()  # [B, T']
+        self.pending = [h[m] for h, m in zip(hidden, mask)]
+
+    def _no_features(self) -> Tensor:
+        return torch.zeros(0, self.head.config.hidden_size, dtype=self.head.fc.weight.dtype, device=self.head.device)
+
+    def _feed(self, tokens: Tensor, features: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Pairs ``tokens [B, n]`` / ``features [B, n, H]`` into the head's cache -> the last
+        column's predicted features ``[B, H]``."""
+        self.model.features = features
+        return self.state.extend(tokens, token_mask=mask, logits_to_keep=1)[:, -1]
+
+    def _feed_pending(self, rows: list[list[int]]) -> Tensor:
+        """Every row's pending pairs at once -> ``[B, H]`` (garbage for a row with none: it
+        drafts nothing)."""
+        width = max(len(p) for p in self.pending)
+        tokens = [r[c + 1: c + 1 + len(p)] for r, c, p in zip(rows, self.consumed, self.pending)]
+        ids, mask = left_pad(tokens, self.req.pad_token_id)  # [B, n]
+        feats = torch.stack([nn.functional.pad(p, (0, 0, width - len(p), 0)) for p in self.pending])
+        hidden = self._feed(ids, feats, mask)
+        self.consumed = [c + len(p) for c, p in zip(self.consumed, self.pending)]
+        self.pending = [p[:0] for p in self.pending]
+        return hidden
+
+    def _draw(self, hidden: Tensor, rows: list[list[int]] | None) -> tuple[Tensor, Tensor]:
+        """Predicted features ``[B, H]`` -> ``q [B, V]`` (processed like p, zero outside the
+        draft vocabulary) and a draft ``[B]``."""
+        logits = self.head.full_logits(self.head.logits(hidden)).float()  # [B, V]
+        return draw_draft(self.req, logits, rows)
+
+    def _feed_draft(self, x: Tensor, hidden: Tensor) -> Tensor:
+        """Draft ``x [B]`` with the features ``[B, H]`` it was drawn from -> the next ``[B, H]``."""
+        return self._feed(x[:, None].to(self.head.device), hidden[:, None])
+
+    def propose(self, rows: list[list[int]], k: int) -> Draft:
+        ready = torch.tensor([len(p) > 0 for p in self.pending])  # [B] a row without features yet
+        if not bool(ready.any()):  # (a one-token prompt without first_target) drafts nothing
+            return Draft.empty(len(rows), self.head.device)
+        hidden = self._feed_pending(rows)  # [B, H]
+        tokens, q = chain_draft(self.req, rows, k, hidden, self._draw, self._feed_draft)  # [B, k], [B, k, V]
+        self.fed = max(k - 1, 0)
+        drafted = torch.where(ready, k, 0).to(hidden.device)
+        return Draft(tokens, drafted, q)
+
+    def update(self, draft: Draft, result: VerifyResult, p: Tensor) -> None:
+        self.state.crop(self.fed)  # the head's own features: replaced by the target's below
+        self.fed = 0
+        hidden = take_hidden(self.target)  # [B, k+1, H]: this verify forward's [last, drafts]
+        if hidden is None:
+            raise RuntimeError("eagle drafter: the target's verify forward left no hidden states")
+        hidden = hidden[:, hidden.shape[1] - draft.k - 1:]
+        kept = (result.accepted + 1).tolist()  # [last, accepted drafts]
+        self.pending = [torch.cat([p, h[:n].to(p.dtype)]) for p, h, n in zip(self.pending, hidden, kept)]
+        maybe_compact(self.state)
+
+    def select_rows(self, index: Tensor) -> None:
+        self.state.select_rows(index)
+        keep = index.tolist()
+        self.pending = [self.pending[i] for i in keep]
+        self.consumed = [self.consumed[i] for i in keep]
+
+    def add_rows(self, other: Drafter) -> None:
+        """Continuous batching: the rows of ``other`` (a drafter of the same head, prefilled
+        for the joining rows) come after ours (between steps nothing self-fed is held)."""
+        if not isinstance(other, EagleDrafter) or other.head is not self.head:
+            raise NotImplementedError("only a drafter of the same eagle head can take rows")
+        self.state.add_rows(other.state)
+        self.pending += other.pending
+        self.consumed += other.consumed
+
+    @torch.inference_mode()
+    def step_cost(self, batch: int) -> float:
+        """Seconds of one drafting step (head forward + LM-head rows) for ``batch`` rows,
+        measured once per batch size after 64 tokens of context."""
+        if batch not in self._costs:
+            state = ModelState.empty(self.model, batch)
+            hidden_size = self.head.config.hidden_size
+            feats = torch.zeros(batch, 64, hidden_size, dtype=self.head.fc.weight.dtype, device=self.head.device)
+            self.model.features = feats
+            state.extend(torch.zeros(batch, 64, dtype=torch.long), logits_to_keep=1)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                self.model.features = feats[:, :1]
+                self.head.logits(state.extend(torch.zeros(batch, 1, dtype=torch.long))[:, -1])
+                times.append(time.perf_counter() - t0)
+                state.crop(1)
+            self._costs[batch] = sorted(times)[1]
+        return self._costs[batch]
+
+
+def resolve_eagle(spec: str, target) -> EagleDrafter:
+    """``"eagle"`` (the shipped head) or ``"eagle:DIR"`` -> a new drafter (heads loaded once per
+    target and kept on it)."""
+    folder = shipped_head_dir(target) if spec == "eagle" else Path(spec[len("eagle:"):]).expanduser()
+    if not str(folder):
+        raise DecodeKitError("drafter eagle:DIR needs a directory")
+    cache = target.__dict__.setdefault("_decodekit_eagle", {})
+    head_file = folder / HEAD_FILE
+    key = (str(folder.resolve()), head_file.stat().st_mtime_ns if head_file.is_file() else 0)
+    if key not in cache:
+        cache[key] = load_head(folder, target)
+    return EagleDrafter(target, cache[key])
