@@ -40,10 +40,13 @@ install-llamacpp: $(VENV)/.installed-llamacpp
 demo: install
 	$(VENV)/bin/decodekit generate --prompt "$(PROMPT)" --max_new_tokens 64
 
-# PYTEST_ARGS: extra pytest arguments (CI: --without-part llamacpp while llama.cpp builds)
+# PYTEST_ARGS: extra pytest arguments (CI: --without-part llamacpp while llama.cpp builds).
+# TEST_WORKERS: pytest-xdist workers, one per core up to 4 (each takes its share of the cores:
+# tests/conftest.py); a test file stays on one worker, so its module fixtures start once.
+TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 PYTEST_ARGS ?=
 test: install-dev
-	$(VENV)/bin/pytest -q --durations=25 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests

@@ -169,6 +169,17 @@ def tiny_gemma3(seed: int = 0, layers: int = 2, vocab: int = VOCAB):
     return model
 
 
+# ------------------------------------------------------------------ threads
+# `make test` runs the suite in pytest-xdist workers (one per core): each worker and every
+# process it starts (CLI, docs examples, servers) gets its share of the cores, so the workers
+# never fight over them (OpenMP threads spin: oversubscribed cores slow torch 10x and more).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = int(os.environ.get("DECODEKIT_TEST_THREADS", max(1, (os.cpu_count() or 1) // WORKERS)))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    torch.set_num_threads(THREADS)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: tiny models on a shared 2-core machine suffer badly
@@ -182,14 +193,14 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def real_model_threads(request):
-    """Tests on the real model use every core (``DECODEKIT_TEST_THREADS``, default all), tiny
-    models keep their module's one thread: a 135M model's matmuls gain from a second core,
-    a tiny model's only wait on it. CI sets 1 while llama.cpp builds on the other core."""
+    """Tests on the real model use this worker's share of the cores (``THREADS``: all of them
+    without xdist workers), tiny models keep their module's one thread: a 135M model's matmuls
+    gain from a second core, a tiny model's only wait on it."""
     if "real_model" not in request.fixturenames:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("DECODEKIT_TEST_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(THREADS)
     yield
     torch.set_num_threads(before)
 

@@ -12,6 +12,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +107,15 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
         del model.hf_quantizer
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")  # per process: two may convert at once
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)  # atomic: a half-written conversion is never used
+    try:
+        tmp.rename(out_dir)  # atomic: a half-written conversion is never used
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
 
 
 GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
