@@ -28,8 +28,9 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 # Optional llama.cpp backend (`--backend llama.cpp`), compiled from source with flags that work on
-# AVX2 and AVX512/AMX CPUs alike (the default native build crashed on an AMX Xeon). ~10-30 min on 2 cores.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+# AVX2 and AVX512/AMX CPUs alike (the default native build crashed on an AMX Xeon), without the
+# multimodal library (LLAVA_BUILD=OFF: decodekit never loads it; a third of the build). ~5-15 min on 2 cores.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF
 LLAMA_JOBS ?= $(shell nproc)
 $(VENV)/.installed-llamacpp: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(LLAMA_JOBS) $(PIP) install -q --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'

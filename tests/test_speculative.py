@@ -261,7 +261,7 @@ EXTRA_PROMPTS = [
     "What day comes after Monday?",
     "Say hello in French.",
 ]
-PROMPTS_20 = CHAT_PROMPTS + EXTRA_PROMPTS
+PROMPTS_12 = (CHAT_PROMPTS + EXTRA_PROMPTS)[:12]  # 3 batches of 4: each policy on a batch, each combo twice at batch 1
 N_NEW = 16
 POLICIES = ["fixed", "egag", "cost"]
 
@@ -269,7 +269,7 @@ POLICIES = ["fixed", "egag", "cost"]
 @pytest.fixture(scope="module")
 def bundled(real_model):
     model, tok = real_model
-    batches = [chat_batch(tok, PROMPTS_20[i:i + 4]) for i in range(0, 20, 4)]
+    batches = [chat_batch(tok, PROMPTS_12[i:i + 4]) for i in range(0, len(PROMPTS_12), 4)]
     want4 = [generate(model, ids, mask, max_new_tokens=N_NEW).sequences for ids, mask in batches]
     # A separate draft model object: the bundled model loaded again, cut to 6 layers.
     other, _ = decodekit.load_model(dtype="float32")
@@ -281,7 +281,7 @@ def bundled(real_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["layers", "separate"])
 def test_bundled_greedy_identical_batch4(bundled, kind):
-    """20 prompts, batches of 4 with left padding; the policy rotates over the batches."""
+    """12 prompts, batches of 4 with left padding; the policy rotates over the batches."""
     model, _, batches, want4, other = bundled
     drafter = "layers:6" if kind == "layers" else other
     for b, ((ids, mask), want) in enumerate(zip(batches, want4)):
@@ -324,12 +324,12 @@ def test_bundled_greedy_identical_long_accepted_runs(bundled):
 
 @pytest.mark.slow
 def test_bundled_greedy_identical_batch1(bundled):
-    """The same 20 prompts one at a time (every drafter kind x policy combination in turn),
+    """The same 12 prompts one at a time (every drafter kind x policy combination in turn),
     against the batched greedy reference: batch 1 and batch 4 agree too."""
     model, tok, _, want4, other = bundled
     want = [seq for batch in want4 for seq in batch]
     combos = list(itertools.product(["layers:4", other], POLICIES))
-    for i, prompt in enumerate(PROMPTS_20):
+    for i, prompt in enumerate(PROMPTS_12):
         ids, mask = chat_batch(tok, [prompt])
         drafter, policy = combos[i % len(combos)]
         out = generate(model, ids, mask, strategy="speculative", drafter=drafter, gamma=2, draft_policy=policy,
