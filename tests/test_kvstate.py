@@ -45,7 +45,7 @@ class BigramState(KVState):
     def extend(self, tokens, *, token_mask=None, logits_to_keep: int = 0):
         token_mask = torch.ones_like(tokens) if token_mask is None else token_mask.long()
         self.model.calls += 1
-        self._append_columns(tokens, token_mask)
+        self.append_columns(tokens, token_mask)
         keep = logits_to_keep or tokens.shape[1]
         return self.model.table[tokens[:, -keep:]]  # [B, keep, V]
 

@@ -141,7 +141,7 @@ class ModelState(KVState):
         else:
             self.dense = self.dense and bool(token_mask.all())
         positions = self.positions(token_mask)
-        self._append_columns(tokens, token_mask)
+        self.append_columns(tokens, token_mask)
         if self.use_cache:
             mask = None if self.dense else self.mask  # dense: plain causal path (cheaper)
             out = self.model(

@@ -112,7 +112,9 @@ class KVState:
         pos = before + token_mask.cumsum(-1) - 1
         return pos.clamp_min(0)
 
-    def _append_columns(self, tokens: Tensor, token_mask: Tensor) -> None:
+    def append_columns(self, tokens: Tensor, token_mask: Tensor) -> None:
+        """Record one forward's ``tokens`` / ``token_mask`` ``[B, k]`` (a backend's ``extend``
+        calls this once per model call)."""
         self.ids = torch.cat([self.ids, tokens], dim=1)
         self.mask = torch.cat([self.mask, token_mask], dim=1)
         self.forwards += 1

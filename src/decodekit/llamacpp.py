@@ -286,7 +286,7 @@ class LlamaCppState(KVState):
         seqs = torch.tensor(self.seqs)[rows]
         logits = self._decode(tokens[real], pos[real], seqs, kept)  # [n_out, V]
         self.pos = (torch.tensor(self.pos) + token_mask.sum(-1)).tolist()
-        self._append_columns(tokens, token_mask)
+        self.append_columns(tokens, token_mask)
         if logits.shape[0] == batch * keep:  # every kept position is real (the usual case)
             return logits.view(batch, keep, -1)
         out = torch.zeros(batch * keep, self.model.n_vocab)
