@@ -18,7 +18,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 FRONT_DOORS = ("decodekit.cli", "decodekit.serve", "decodekit.ray", "decodekit.batch_runner",
                "decodekit.bench", "decodekit.demo", "decodekit.__main__",
-               "decodekit.strategies.eagle.train")  # training runs generate: a front door
+               "decodekit.strategies.eagle.train", "decodekit.train_cli")  # training runs generate: a front door
 # module -> its line count when this test was written; it may not grow
 OVERSIZED: dict[str, int] = {}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 60
