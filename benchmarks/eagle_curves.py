@@ -70,6 +70,22 @@ def run(model, name: str, samples: list[dict], heldout: dict, steps: int, args) 
     return result
 
 
+def measure_heads(model, folders: list[str], heldout: dict) -> list[dict]:
+    """Trained heads (``--heads DIR,...``) measured on the held-out sets the same way."""
+    from decodekit.strategies.eagle.recipe import acceptance, expected_accepted
+    from decodekit.strategies.eagle.storage import load_head, shipped_head_dir
+    from decodekit.strategies.eagle.train import vocab_index
+
+    out = []
+    for folder in folders:
+        head = load_head(shipped_head_dir(model) if folder == "shipped" else Path(folder), model).cast(torch.float32)
+        rates = {n: acceptance(head, s, 5, vocab_index(head)) for n, s in heldout.items()}
+        out.append(dict(head=folder, **{n: dict(acceptance_by_depth=r, mean_accepted=expected_accepted(r))
+                                        for n, r in rates.items()}))
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def subsets(samples: list[dict], run_names: list[str], steps: int) -> list[tuple[str, list[dict], int]]:
     """``(name, samples, steps)`` of every run asked for."""
     rng = random.Random(0)
@@ -147,10 +163,19 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--distill", type=float, default=0.5)
     parser.add_argument("--draft_vocab", type=int, default=8192)
+    parser.add_argument("--heads", default="", help="comma list of trained head folders (or 'shipped') to measure "
+                        "on the held-out sets instead of training")
     args = parser.parse_args()
     out = check_output_dir(parser, args.output_dir)
     model, _ = dk.load_model()
     samples, heldout = load(Path(args.data))
+    if args.heads:
+        heads = measure_heads(model, args.heads.split(","), heldout)
+        lines = ["| head | " + " | ".join(f"{n} d1..d5 (mean acc.)" for n in heldout) + " |", "|---" * 3 + "|"]
+        lines += [f"| {h['head']} | " + " | ".join(" / ".join(f"{x:.2f}" for x in h[n]["acceptance_by_depth"])
+                  + f" ({h[n]['mean_accepted']:.2f})" for n in heldout) + " |" for h in heads]
+        write_report(out, "EAGLE heads on the held-out sets", lines, dict(args=vars(args), heads=heads))
+        return
     results = [run(model, name, subset, heldout, steps, args)
                for name, subset, steps in subsets(samples, args.runs.split(","), args.steps)]
     out.mkdir(parents=True, exist_ok=True)
