@@ -34,7 +34,7 @@ def decoder_of(target):
 def target_fingerprint(target) -> dict:
     """Facts that identify a target cheaply (checked when a head is loaded)."""
     cfg = target.config
-    embed = decoder_of(target).embed_tokens.weight
+    embed = decoder_of(target).embed_tokens.weight.detach()  # no autograd warning while training
     return dict(model_type=cfg.model_type, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
                 vocab_size=vocab_size(target), embed_checksum=round(float(embed[:64].float().abs().sum()), 3))
 
