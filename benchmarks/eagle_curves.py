@@ -78,9 +78,12 @@ def measure_heads(model, folders: list[str], heldout: dict) -> list[dict]:
 
     out = []
     for folder in folders:
-        head = load_head(shipped_head_dir(model) if folder == "shipped" else Path(folder), model).cast(torch.float32)
+        path = shipped_head_dir(model) if folder == "shipped" else Path(folder)
+        head = load_head(path, model).cast(torch.float32)
+        card = json.loads((path / "card.json").read_text())  # which head: its hash, data and steps
         rates = {n: acceptance(head, s, 5, vocab_index(head)) for n, s in heldout.items()}
-        out.append(dict(head=folder, **{n: dict(acceptance_by_depth=r, mean_accepted=expected_accepted(r))
+        out.append(dict(head=folder, sha256=card["head_sha256"][7:19], tokens=card["data"]["generated_tokens"],
+                        steps=card["training"]["steps"], **{n: dict(acceptance_by_depth=r, mean_accepted=expected_accepted(r))
                                         for n, r in rates.items()}))
         print(json.dumps(out[-1]), flush=True)
     return out
@@ -171,8 +174,9 @@ def main() -> None:
     samples, heldout = load(Path(args.data))
     if args.heads:
         heads = measure_heads(model, args.heads.split(","), heldout)
-        lines = ["| head | " + " | ".join(f"{n} d1..d5 (mean acc.)" for n in heldout) + " |", "|---" * 3 + "|"]
-        lines += [f"| {h['head']} | " + " | ".join(" / ".join(f"{x:.2f}" for x in h[n]["acceptance_by_depth"])
+        lines = ["| head | sha256 | generated tokens | steps | " + " | ".join(f"{n} d1..d5 (mean acc.)" for n in heldout)
+                 + " |", "|---" * 6 + "|"]
+        lines += [f"| {h['head']} | {h['sha256']} | {h['tokens']} | {h['steps']} | " + " | ".join(" / ".join(f"{x:.2f}" for x in h[n]["acceptance_by_depth"])
                   + f" ({h[n]['mean_accepted']:.2f})" for n in heldout) + " |" for h in heads]
         write_report(out, "EAGLE heads on the held-out sets", lines, dict(args=vars(args), heads=heads))
         return

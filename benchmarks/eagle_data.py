@@ -65,7 +65,7 @@ def run(model, tokenizer, out: Path, name: str, prompts: list[str], cfg: TrainCo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="a new folder")
-    parser.add_argument("--prompts", type=int, default=1800)
+    parser.add_argument("--prompts", type=int, default=1800, help="training prompts (0: the held-out sets only)")
     parser.add_argument("--passages", type=int, default=400)
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=48)
@@ -78,7 +78,7 @@ def main() -> None:
     run(model, tokenizer, out, "heldout_chat", [r["prompt"] for r in load_suite("chat")], cfg, sampled=False)
     run(model, tokenizer, out, "heldout_other", OTHER_PROMPTS, cfg, sampled=False)
     cfg = TrainConfig(max_new_tokens=args.max_new_tokens, gen_batch_size=args.batch_size)
-    prompts = training_prompts(args.prompts, seed=0)
+    prompts = training_prompts(args.prompts, seed=0) if args.prompts else []  # 0: the held-out sets only
     answers = []
     for i in range(0, len(prompts), args.shard):
         chunk = prompts[i: i + args.shard]
