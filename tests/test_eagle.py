@@ -75,6 +75,33 @@ def test_trained_head_loads_and_drafts(trained_dir, tiny_model_dir):
     assert sum(s.drafted for s in out.stats) > 0
 
 
+def test_trained_head_drafts_for_the_int8_target(trained_dir, tiny_model_dir):
+    """A head trained on the float target loads on its int8 copy (weights and activations as
+    ``--dtype int8`` loads them) and drafts from the int8 LM head: greedy == int8 greedy."""
+    from decodekit.models import load_model
+    from decodekit.quant import quant_scheme
+
+    model, tok = load_model(str(tiny_model_dir), dtype="int8")
+    assert quant_scheme(model) == "int8"
+    head = load_head(trained_dir, model)
+    torch.testing.assert_close(head.shared.lm_rows, model.lm_head.dequantize()[head.vocab_ids].to(torch.bfloat16))
+    rows = [r[:6] for r in chat_batch(tok, ["hi", "Tell me a joke"])[0].tolist()]
+    out = _eagle(model, rows, f"eagle:{trained_dir}", n=12, gamma=3)
+    assert out.sequences == _greedy(model, rows, 12)
+    assert sum(s.drafted for s in out.stats) > 0
+
+
+def test_a_new_head_starts_from_the_quantized_targets_last_layer():
+    from decodekit.quant import QuantLinear, quantize_model
+
+    model = quantize_model(tiny_llama(0, layers=3), "int8", torch.float32)
+    head = EagleHead(model)
+    last = model.model.layers[-1].self_attn.q_proj
+    assert isinstance(last, QuantLinear)
+    torch.testing.assert_close(head.layer.self_attn.q_proj.weight, last.dequantize())
+    assert _eagle(model, ROWS, EagleDrafter(model, head.eval()), n=16, gamma=3).sequences == _greedy(model, ROWS, 16)
+
+
 def test_train_drafter_never_overwrites_a_result_silently(trained_dir, tiny_model_dir, capsys):
     before = (trained_dir / "model.safetensors").read_bytes()
     args = ["train-drafter", "--model", str(tiny_model_dir), "--out", str(trained_dir)]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from decodekit.model_info import vocab_size
+from decodekit.quant import QuantLinear
 from decodekit.validation import DecodeKitError
 
 __all__ = ["EagleHead", "HeadModel", "additive_mask", "capture_hidden", "take_hidden", "target_fingerprint",
@@ -45,11 +46,32 @@ class _Shared:
     def __init__(self, target, vocab_ids: Tensor | None):
         decoder = decoder_of(target)
         self.embed, self.norm, self.rotary = decoder.embed_tokens, decoder.norm, decoder.rotary_emb
-        weight = target.get_output_embeddings().weight  # [V, H]
-        if not weight.is_floating_point():
-            raise DecodeKitError("drafter 'eagle' needs a float LM head (load the target in a float dtype)")
+        weight = float_weight(target.get_output_embeddings()).to(self.embed.weight.dtype)  # [V, H]
         self.vocab = weight.shape[0]
-        self.lm_rows = weight.detach() if vocab_ids is None else weight.detach().index_select(0, vocab_ids)
+        self.lm_rows = weight if vocab_ids is None else weight.index_select(0, vocab_ids)
+
+
+def float_weight(linear: nn.Module) -> Tensor:
+    """A Linear's float weight ``[N, K]``: an int8/int4 ``QuantLinear``'s is the one its kernel
+    multiplies by (so a head drafts for a quantized target with the target's own LM head)."""
+    if isinstance(linear, QuantLinear):
+        return linear.dequantize()
+    if not linear.weight.is_floating_point():
+        raise DecodeKitError(f"drafter 'eagle' needs a float or decodekit-quantized LM head, not "
+                             f"{type(linear).__name__} with {linear.weight.dtype} weights")
+    return linear.weight.detach()
+
+
+def float_state(layer: nn.Module) -> dict[str, Tensor]:
+    """``layer``'s state dict with each ``QuantLinear`` as a float ``weight`` (and its bias): what
+    a plain layer of the same architecture loads."""
+    state = dict(layer.state_dict())
+    for name, child in layer.named_modules():
+        if isinstance(child, QuantLinear):
+            prefix = f"{name}." if name else ""
+            state.pop(prefix + "scales")
+            state[prefix + "weight"] = child.dequantize()
+    return state
 
 
 # ---------------------------------------------------------------------------- the head
@@ -71,7 +93,7 @@ class EagleHead(nn.Module):
         hidden = config.hidden_size
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
         self.layer = type(decoder.layers[0])(config, layer_idx=0)
-        self.layer.load_state_dict(decoder.layers[-1].state_dict())  # start from the target's last layer
+        self.layer.load_state_dict(float_state(decoder.layers[-1]))  # start from the target's last layer
         if vocab_ids is not None:
             self.register_buffer("vocab_ids", vocab_ids.to(torch.long))
         else:
