@@ -37,6 +37,7 @@ expected tokens per second).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -250,21 +251,28 @@ class CostPolicy(DraftPolicy):
     def acceptance(self) -> float:
         return self.estimate.rate
 
-    def step_seconds(self, k: int, batch: int, level: int = 0) -> float:
-        """``T(k)``: the verify forward over ``k + 1`` tokens and ``k`` drafting steps."""
-        return self.cost(k + 1, batch) + k * self.drafter.level_cost(level, batch)
-
     def choose(self, rows: list[list[int]]) -> Tensor:
-        """One ``k`` per evidence level the rows would draft from now (one level: one ``k``)."""
+        """One ``k`` per evidence level the rows would draft from now (one level: one ``k``),
+        chosen together: every row waits for the widest verify, so a level's drafts pay only
+        if its rows' tokens outweigh what the wider forward costs the whole batch."""
         batch = len(rows)
         levels = self.drafter.levels(rows) or [0] * batch
+        present = sorted(set(levels))
         ks = [0, *range(self.gamma_min, self.gamma_max + 1)]
-        best = {lv: best_width(ks, [self.gamma_max] * batch, [self.level(lv).rate] * batch,
-                               lambda k, lv=lv: self.step_seconds(k, batch, lv))
-                for lv in set(levels)}
+        choices = (dict(zip(present, combo)) for combo in itertools.product(ks, repeat=len(present)))
+        best = max(choices, key=lambda k: self.batch_speed(k, levels))  # the first of equals: all 0 first
         self.last_levels = levels
         self.last_choice = max(best.values())
         return torch.tensor([best[lv] for lv in levels], dtype=torch.long)
+
+    def batch_speed(self, k: dict[int, int], levels: list[int]) -> float:
+        """Expected tokens per second of the batch when rows of level ``lv`` draft ``k[lv]``:
+        one verify forward as wide as the widest, plus each level's drafting steps."""
+        batch = len(levels)
+        tokens = sum(expected_tokens(k[lv], self.level(lv).rate) for lv in levels)
+        seconds = self.cost(max(k.values()) + 1, batch) + sum(n * self.drafter.level_cost(lv, batch)
+                                                             for lv, n in k.items())
+        return tokens / max(seconds, 1e-9)
 
     def observe(self, drafted: Tensor, accepted: Tensor) -> None:
         drafted, accepted = drafted.cpu().tolist(), accepted.cpu().tolist()
