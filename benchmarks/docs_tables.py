@@ -122,7 +122,7 @@ TABLES: dict[str, Table] = {
     "llamacpp-q4_1": Table("cpu-llamacpp-2", BASIC),
     "llamacpp-q4_0-rerun": Table("cpu-llamacpp-q4_0-2", BASIC),
     "eagle": Table("cpu-eagle-3", BASIC + ["chat", "grounded"]),
-    "eagle-hybrid": Table("cpu-eagle-hybrid-4", BASIC + ["chat", "grounded"]),
+    "eagle-hybrid": Table("cpu-eagle-hybrid-5", BASIC + ["chat", "grounded"]),
     "lookup-fp32": Table("cpu-eagle", BASIC + ["chat", "grounded"], strategies=("greedy", "prompt_lookup", "ngram")),
     "hybrid-bf16-grounded": Table("cpu-hybrid-bf16-grounded", BASIC),
     "int8-drafting": Table("cpu-int8-drafting", BASIC, impls=("decodekit",)),
