@@ -23,10 +23,18 @@ def _llama_cpp_available() -> bool:
     return llama_cpp_available()
 
 
+def _int8_kernel_available() -> bool:
+    from decodekit.int8_kernel import int8_kernel_problem
+
+    return int8_kernel_problem() is None
+
+
 OPTIONAL_PARTS = {  # name -> (is it here?, what it is, the command that installs it)
     "llamacpp": (_llama_cpp_available, "llama-cpp-python built from source", "make install-llamacpp"),
     "chromium": (lambda: os.path.exists(CHROMIUM) and shutil.which("chromium") is not None,
                  "Debian's chromium", "apt-get install -y chromium"),
+    "int8kernel": (_int8_kernel_available, "decodekit's int8 kernel built (an x86-64 CPU with AVX2, a C++ "
+                   "compiler)", "apt-get install -y g++"),
 }
 REQUIRE_OPTIONAL = os.environ.get("DECODEKIT_REQUIRE_OPTIONAL") == "1"
 

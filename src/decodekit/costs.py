@@ -66,7 +66,7 @@ class CostCurve:
 def model_key(model) -> tuple:
     """What a cost curve depends on: architecture, size, dtype (an int8/int4 model is not its
     float twin), backend and device; a model without a name is told apart by its identity."""
-    from decodekit.quant import quant_scheme
+    from decodekit.quant import quant_kernel, quant_scheme
 
     backend = backend_of(model)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -75,7 +75,7 @@ def model_key(model) -> tuple:
     name = getattr(cfg, "_name_or_path", "")
     return (type(model).__name__, name, getattr(cfg, "num_hidden_layers", None),
             getattr(cfg, "hidden_size", None), getattr(cfg, "vocab_size", None), dtype, quant_scheme(model),
-            backend.name, device, 0 if name else id(model))
+            quant_kernel(model), backend.name, device, 0 if name else id(model))
 
 
 def cpu_model() -> str:

@@ -6,7 +6,8 @@ floating point. The embedding lookup keeps its float table even when the LM head
 to it: the head gets its own quantized copy.
 
 - ``int8``: symmetric, one scale per output row: ``W[n, k] ~ q[n, k] * scale[n]``,
-  ``q`` in -127..127; kernel ``aten._weight_int8pack_mm``.
+  ``q`` in -127..127; kernel: decodekit's own (``decodekit.int8_kernel``: flatter over the few
+  rows of a verify forward, batch-invariant) where it builds, else ``aten._weight_int8pack_mm``.
 - ``int4``: asymmetric, groups of 32 along the input (like GGUF's Q4_1 blocks):
   ``W[n, k] ~ (q[n, k] - 8) * scale[k // 32, n] + zero[k // 32, n]``, ``q`` in 0..15;
   kernel ``aten._weight_int4pack_mm_for_cpu`` (CPU only; both sizes a multiple of 32).
@@ -25,10 +26,11 @@ import functools
 import torch
 from torch import nn
 
+from decodekit.int8_kernel import int8_kernel, int8_linear
 from decodekit.validation import DecodeKitError, check_choice
 
 __all__ = ["QuantLinear", "quantize_model", "quant_scheme", "check_quant", "linear_plan", "SCHEMES",
-           "unpack_int4", "int4_layout"]
+           "unpack_int4", "int4_layout", "quant_kernel"]
 
 SCHEMES = ("int8", "int4")
 ACTIVATIONS = torch.bfloat16  # the activation dtype load_model uses for quantized weights
@@ -115,6 +117,7 @@ class QuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, scheme: str, dtype: torch.dtype = ACTIVATIONS):
         super().__init__()
         self.scheme, self.in_features, self.out_features = scheme, linear.in_features, linear.out_features
+        self.kernel = int8_kernel() if scheme == "int8" else "torch"  # "decodekit" | "torch"
         quantize = _quantize_int8 if scheme == "int8" else _quantize_int4
         weight, scales = quantize(linear.weight.detach(), dtype)
         self.weight = nn.Parameter(weight, requires_grad=False)  # int8 [N, K] | uint8 [N, K/2]
@@ -124,7 +127,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [M, K]
-        if self.scheme == "int8":
+        if self.kernel == "decodekit":
+            out = int8_linear(flat, self.weight, self.scales)  # [M, N]
+        elif self.scheme == "int8":
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)  # [M, N]
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP, self.scales)  # [M, N]
@@ -142,7 +147,8 @@ class QuantLinear(nn.Module):
         return (codes - 8) * scale + zero
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
+                f"kernel={self.kernel}")
 
 
 @torch.no_grad()
@@ -173,3 +179,8 @@ def quant_scheme(model: nn.Module) -> str | None:
     not the head's), else None."""
     schemes = {m.scheme for m in model.modules() if isinstance(m, QuantLinear)}
     return "int4" if "int4" in schemes else next(iter(schemes), None)
+
+
+def quant_kernel(model: nn.Module) -> str | None:
+    """The kernel of ``model``'s int8 layers (``"decodekit"`` / ``"torch"``), else None."""
+    return next((m.kernel for m in model.modules() if isinstance(m, QuantLinear) and m.scheme == "int8"), None)
