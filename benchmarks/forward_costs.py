@@ -8,12 +8,14 @@ with n as fast as n (compute-bound kernels) leaves speculation nothing to gain. 
 loaded first, then ``--rounds`` rounds time each dtype and batch size in turn (interleaved, so
 the machine's noise falls on all of them alike), each point keeping its fastest run. Prints
 (and with ``--output_dir`` writes to a report) one row per dtype and batch size: t(1) in ms
-and t(n) / t(1). llama.cpp dtypes (``llama.cpp``, ``llama.cpp:q4_0``...) run on that backend.
+and t(n) / t(1). llama.cpp dtypes (``llama.cpp``, ``llama.cpp:q4_0``...) run on that backend;
+``int8:torch`` is int8 on PyTorch's ``_weight_int8pack_mm`` instead of decodekit's kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from reports import check_output_dir, write_report
@@ -28,6 +30,12 @@ POINTS = (1, 2, 3, 4, 6, 8)
 def load(dtype: str):
     if is_llama_cpp(dtype):
         return dk.load_model(backend="llama.cpp", dtype=gguf_type(dtype))[0]
+    if dtype == "int8:torch":  # QuantLinear reads the choice when the model loads
+        os.environ["DECODEKIT_INT8_KERNEL"] = "torch"
+        try:
+            return dk.load_model(dtype="int8")[0]
+        finally:
+            del os.environ["DECODEKIT_INT8_KERNEL"]
     return dk.load_model(dtype=dtype)[0]
 
 
