@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import decodekit
-from decodekit.quant import QuantLinear, quant_scheme, quantize_model, unpack_int4
+from decodekit.quant import QuantLinear, activations, quant_scheme, quantize_model, unpack_int4
 from decodekit.validation import DecodeKitError
 
 from conftest import CHAT_PROMPTS, chat_batch, hf_new_tokens, tiny_llama
@@ -150,7 +150,7 @@ def test_int4_on_a_shape_the_kernel_cannot_take_fails_before_the_weights_load(mo
 
 def test_load_model_int8_from_a_directory(tiny_model_dir):
     model, tokenizer = decodekit.load_model(str(tiny_model_dir), dtype="int8")
-    assert quant_scheme(model) == "int8" and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert quant_scheme(model) == "int8" and model.model.embed_tokens.weight.dtype == activations("int8")
     ids, mask = chat_batch(tokenizer, CHAT_PROMPTS[:2])
     out = decodekit.generate(model, ids, mask, max_new_tokens=8, eos_token_id=[])
     assert out.sequences == hf_new_tokens(model, ids, mask, max_new_tokens=8, do_sample=False,
@@ -176,6 +176,6 @@ def test_real_model_int8_greedy_equals_reference_and_transformers(real_model):
     ids, mask = chat_batch(tokenizer, CHAT_PROMPTS[:3])
     ours = decodekit.generate(quant, ids, mask, max_new_tokens=12)
     assert ours.sequences == decodekit.generate(ref, ids, mask, max_new_tokens=12).sequences
-    shipped, _ = decodekit.load_model(dtype="int8")  # bf16 activations
+    shipped, _ = decodekit.load_model(dtype="int8")  # as users load it (quant.activations)
     out = decodekit.generate(shipped, ids, mask, max_new_tokens=12)
     assert out.sequences == hf_new_tokens(shipped, ids, mask, max_new_tokens=12, do_sample=False)

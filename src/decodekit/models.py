@@ -40,7 +40,8 @@ DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 DEFAULT_DTYPE = DEFAULT_DTYPES["cpu"]  # the default where the device is not yet known (help texts)
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Weight-only quantized Linear layers (decodekit.quant, CPU): quantized from the float32
-# weights, activations in bfloat16. README "Quantized weights" has the speed and quality.
+# weights; activations in float32 on decodekit's int8 kernel, else bfloat16 (quant.activations).
+# docs/models.md "int8 and int4" has the speed and quality.
 QUANT_DTYPES = ("int8", "int4")
 DTYPES = [*FLOAT_DTYPES, *QUANT_DTYPES]
 # torch: transformers modules (every dtype above). llama.cpp: the GGUF's own quantized weights
@@ -313,7 +314,8 @@ def load_model(
     a local model directory, or a ``.gguf`` file. ``dtype``: ``"float32"`` (the default on
     the CPU), ``"bfloat16"`` (the default on CUDA), ``"float16"``, or weight-only
     quantized ``"int8"`` / ``"int4"`` (CPU; Linear weights quantized from float32,
-    activations in bfloat16, see ``decodekit.quant``). ``device``: cpu | cuda | auto.
+    activations in float32 on decodekit's int8 kernel, else bfloat16: ``decodekit.quant``).
+    ``device``: cpu | cuda | auto.
     The tokenizer pads on the left, with EOS as pad token when it has none. ``param`` is
     the parameter named in errors (``"drafter"`` when loading a draft model).
     ``backend="llama.cpp"`` (a GGUF source): a ``decodekit.llamacpp.LlamaCppModel`` running
@@ -350,7 +352,7 @@ def load_model(
         raise DecodeKitError(f"{param} {spec or DEFAULT_MODEL!r} could not be loaded: {_first_line(exc)}") from exc
     model.to(torch_device).eval()
     if scheme:
-        quant.quantize_model(model, scheme, quant.ACTIVATIONS)
+        quant.quantize_model(model, scheme, quant.activations(scheme))
     return model, _pad_left(model, tokenizer)
 
 

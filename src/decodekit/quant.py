@@ -15,8 +15,11 @@ to it: the head gets its own quantized copy.
   body is Q4_1, which int4 groups of 32 recover up to the bf16 rounding of the scales, but
   its embedding table is finer, and int4 on it costs 9% relative weight error.
 
-Activations run in bfloat16 (``ACTIVATIONS``): measured on the 2-core AVX2 CPU, both kernels
-take 5-10x longer with float32 inputs than with bfloat16 ones (no vectorised float32 path).
+Activations (``activations(scheme)``): float32 for int8 on decodekit's kernel, which widens
+every input to float32 anyway (float32 activations were as fast as bfloat16 ones there, and a
+verify forward's logits then differ from the one-token forward's by float32 rounding, about
+3e-5, instead of bfloat16's, up to 0.6, which flipped greedy near-ties); bfloat16 for int4 and
+for PyTorch's int8 kernel, both 5-10x slower with float32 inputs on the 2-core AVX2 CPU.
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ from decodekit.int8_kernel import int8_kernel, int8_linear
 from decodekit.validation import DecodeKitError, check_choice
 
 __all__ = ["QuantLinear", "quantize_model", "quant_scheme", "check_quant", "linear_plan", "SCHEMES",
-           "unpack_int4", "int4_layout", "quant_kernel"]
+           "unpack_int4", "int4_layout", "quant_kernel", "activations"]
 
 SCHEMES = ("int8", "int4")
-ACTIVATIONS = torch.bfloat16  # the activation dtype load_model uses for quantized weights
+ACTIVATIONS = torch.bfloat16  # the activation dtype of PyTorch's weight-only kernels
 GROUP = 32  # int4 group size along the input dimension (and the sizes int4 accepts)
+
+
+def activations(scheme: str) -> torch.dtype:
+    """The activation dtype ``load_model`` runs a ``scheme`` model in (see the module's notes)."""
+    return torch.float32 if scheme == "int8" and int8_kernel() == "decodekit" else ACTIVATIONS
 
 
 def check_quant(scheme: str, device: torch.device, plan: list[tuple[str, nn.Linear, str]] = ()) -> None:
