@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from decodekit.attention import use_gqa_attention
 from decodekit.llamacpp import LLAMA_CPP_DTYPES
 from decodekit.paths import cache_dir
 from decodekit.validation import DecodeKitError, check_choice
@@ -351,6 +352,7 @@ def load_model(
     except (OSError, ValueError, KeyError) as exc:  # files transformers cannot read
         raise DecodeKitError(f"{param} {spec or DEFAULT_MODEL!r} could not be loaded: {_first_line(exc)}") from exc
     model.to(torch_device).eval()
+    use_gqa_attention(model)
     if scheme:
         quant.quantize_model(model, scheme, quant.activations(scheme))
     return model, _pad_left(model, tokenizer)
