@@ -34,6 +34,7 @@ from decodekit.strategies.eagle.head import EagleHead
 from decodekit.strategies.eagle.train import TrainConfig, draft_vocabulary, train
 
 SETS = ("validation", "chat", "other")
+TOPK = (1, 2, 3, 4, 8)  # --heads: depth-1 top-k hit rates, what a tree of k first drafts could accept
 
 
 def load(data: Path) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -72,7 +73,7 @@ def run(model, name: str, samples: list[dict], heldout: dict, steps: int, args) 
 
 def measure_heads(model, folders: list[str], heldout: dict) -> list[dict]:
     """Trained heads (``--heads DIR,...``) measured on the held-out sets the same way."""
-    from decodekit.strategies.eagle.recipe import acceptance, expected_accepted
+    from decodekit.strategies.eagle.recipe import acceptance, expected_accepted, topk_hits
     from decodekit.strategies.eagle.storage import load_head, shipped_head_dir
     from decodekit.strategies.eagle.train import vocab_index
 
@@ -82,9 +83,11 @@ def measure_heads(model, folders: list[str], heldout: dict) -> list[dict]:
         head = load_head(path, model).cast(torch.float32)
         card = json.loads((path / "card.json").read_text())  # which head: its hash, data and steps
         rates = {n: acceptance(head, s, 5, vocab_index(head)) for n, s in heldout.items()}
+        tops = {n: topk_hits(head, s, TOPK, vocab_index(head)) for n, s in heldout.items()}
         out.append(dict(head=folder, sha256=card["head_sha256"][7:19], tokens=card["data"]["generated_tokens"],
-                        steps=card["training"]["steps"], **{n: dict(acceptance_by_depth=r, mean_accepted=expected_accepted(r))
-                                        for n, r in rates.items()}))
+                        steps=card["training"]["steps"], **{n: dict(acceptance_by_depth=r, mean_accepted=expected_accepted(r),
+                                                                    depth1_topk={k: t for k, t in zip(TOPK, tops[n])})
+                                                           for n, r in rates.items()}))
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -178,6 +181,10 @@ def main() -> None:
                  + " |", "|---" * 6 + "|"]
         lines += [f"| {h['head']} | {h['sha256']} | {h['tokens']} | {h['steps']} | " + " | ".join(" / ".join(f"{x:.2f}" for x in h[n]["acceptance_by_depth"])
                   + f" ({h[n]['mean_accepted']:.2f})" for n in heldout) + " |" for h in heads]
+        lines += ["", "Depth 1, P(the target's token is among the head's k likeliest drafts):", "",
+                  "| head | set | " + " | ".join(f"top-{k}" for k in TOPK) + " |", "|---" * (2 + len(TOPK)) + "|"]
+        lines += [f"| {h['head']} | {n} | " + " | ".join(f"{t:.2f}" for t in h[n]["depth1_topk"].values()) + " |"
+                  for h in heads for n in heldout]
         write_report(out, "EAGLE heads on the held-out sets", lines, dict(args=vars(args), heads=heads))
         return
     results = [run(model, name, subset, heldout, steps, args)

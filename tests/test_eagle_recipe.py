@@ -25,6 +25,7 @@ from decodekit.strategies.eagle.recipe import (
     expected_accepted,
     loss,
     make_batch,
+    topk_hits,
     unroll,
 )
 
@@ -105,6 +106,25 @@ def test_acceptance_is_conditional_on_earlier_depths(setup):
     rates = acceptance(head, rigged, 3)
     assert rates[0] == 1.0 and rates[1] < 0.5  # depth 2 sees other inputs than depth 1's labels
     assert expected_accepted([1.0, 0.5, 0.5], gamma=2) == 1.5
+
+
+def test_topk_hits_count_the_first_drafts_a_tree_would_hold(setup):
+    """Labels set to the head's second choice at depth 1: top-1 never holds them, top-2 always;
+    top-1 on the true labels is depth-1 acceptance."""
+    model, head, samples = setup
+    batch = make_batch(samples, None)
+    with torch.no_grad():
+        seconds = head.logits(unroll(head, batch, 1)[0]).topk(2, dim=-1).indices[..., 1]  # [B, L]
+    rigged = []
+    for row, s in enumerate(samples):
+        s = dict(s, greedy=s["greedy"].clone())
+        m = s["tokens"].shape[0] - 2
+        trained = s["greedy"][1: m + 1] != -1
+        s["greedy"][1: m + 1] = torch.where(trained, seconds[row, :m], -1)
+        rigged.append(s)
+    assert topk_hits(head, rigged, (1, 2, 3)) == [0.0, 1.0, 1.0]
+    hits = topk_hits(head, samples, (1, 4, model.config.vocab_size))
+    assert hits[0] == acceptance(head, samples, 1)[0] and hits[0] <= hits[1] and hits[2] == 1.0
 
 
 def test_loss_trains_every_depth(setup):

@@ -166,6 +166,28 @@ def acceptance(head: EagleHead, samples: list[dict], depth: int, vocab_map: Tens
     return [round(float(r / n), 4) if n else 0.0 for r, n in zip(right, reached)]
 
 
+@torch.no_grad()
+def topk_hits(head: EagleHead, samples: list[dict], ks: tuple[int, ...], vocab_map: Tensor | None = None,
+              batch_size: int = 16) -> list[float]:
+    """P(the target's next token is among the head's ``k`` likeliest first drafts), for each
+    ``k`` of ``ks``, teacher-forced on ``samples``: what a tree of ``k`` siblings at the first
+    depth (EAGLE-2) could accept there; ``k = 1`` is depth-1 acceptance."""
+    was_training = head.training
+    head.eval()
+    hits, total = torch.zeros(len(ks)), 0
+    for i in range(0, len(samples), batch_size):
+        b = {k: v.to(head.device) for k, v in make_batch(samples[i: i + batch_size], vocab_map).items()}
+        b["feats_in"] = b["feats_in"].to(head.fc.weight.dtype)
+        labels = _shift(b["labels"], 1, -1)  # [B, L]
+        keep = (b["labels"] != -1) & (labels != -1)
+        top = head.logits(unroll(head, b, 1)[0]).topk(max(ks), dim=-1).indices  # [B, L, max k]
+        for j, k in enumerate(ks):
+            hits[j] += (top[..., :k] == labels[..., None]).any(-1)[keep].sum()
+        total += int(keep.sum())
+    head.train(was_training)
+    return [round(float(h / total), 4) if total else 0.0 for h in hits]
+
+
 def expected_accepted(rates: list[float], gamma: int = 5) -> float:
     """Mean accepted drafts per verify of a chain of ``gamma`` drafts with these per-depth rates."""
     total, alive = 0.0, 1.0
