@@ -3,8 +3,9 @@
     python benchmarks/eagle_step_cost.py --dtypes int8,float32 --output_dir DIR
 
 A draft step is what ``EagleDrafter`` does per drafted token: one cached forward of the shipped
-head (``HeadModel`` through ``ModelState``, after ``CONTEXT`` tokens) and its draft-vocabulary
-logits, widened to the full vocabulary, argmax. The target's one-token forward is timed the same
+head as ``--drafter eagle`` loads it (int8 weights for a target on decodekit's int8 kernel;
+``HeadModel`` through ``ModelState``, after ``CONTEXT`` tokens) and its draft-vocabulary logits,
+widened to the full vocabulary, argmax. The target's one-token forward is timed the same
 way (``decodekit.costs.measure_forwards``). Interleaved rounds, fastest of each; a drafting
 policy pays ``ratio`` of a greedy step per draft.
 """
@@ -20,8 +21,8 @@ from reports import check_output_dir, write_report
 import decodekit as dk
 from decodekit.cache import ModelState
 from decodekit.costs import CONTEXT, measure_forwards
+from decodekit.strategies.eagle.drafter import resolve_eagle
 from decodekit.strategies.eagle.head import HeadModel
-from decodekit.strategies.eagle.storage import load_head, shipped_head_dir
 
 
 def head_step(head, head_model: HeadModel, state: ModelState, token: torch.Tensor) -> float:
@@ -45,7 +46,7 @@ def main() -> None:
     setups = {}
     for dtype in args.dtypes.split(","):
         model = dk.load_model(dtype=dtype)[0]
-        head = load_head(shipped_head_dir(model), model)
+        head = resolve_eagle("eagle", model).head
         head_model = HeadModel(head)
         ids = torch.randint(4, 40000, (1, CONTEXT), generator=torch.Generator().manual_seed(0))  # [1, CONTEXT]
         head_model.features = torch.zeros(1, CONTEXT, head.config.hidden_size, dtype=head.fc.weight.dtype)
@@ -57,9 +58,10 @@ def main() -> None:
             step = min(head_step(head, head_model, state, token) for _ in range(5))
             best[dtype]["step"] = min(best[dtype]["step"], step)
             best[dtype]["target"] = min(best[dtype]["target"], measure_forwards(model, [1], 1, 2)[1])
-    lines = ["| target dtype | head dtype | draft step ms | target t(1) ms | step / t(1) |", "|---|---|---|---|---|"]
+    lines = ["| target dtype | head weights | draft step ms | target t(1) ms | step / t(1) |", "|---|---|---|---|---|"]
     for dtype, b in best.items():
-        head_dtype = str(setups[dtype][1].fc.weight.dtype).removeprefix("torch.")
+        head = setups[dtype][1]
+        head_dtype = "int8" if head.shared.lm_int8 is not None else str(head.fc.weight.dtype).removeprefix("torch.")
         lines.append(f"| {dtype} | {head_dtype} | {b['step'] * 1000:.2f} | {b['target'] * 1000:.1f} | "
                      f"{b['step'] / b['target']:.3f} |")
     print("\n".join(lines))

@@ -92,6 +92,26 @@ def test_trained_head_drafts_for_the_int8_target(trained_dir, tiny_model_dir):
     assert sum(s.drafted for s in out.stats) > 0
 
 
+@pytest.mark.needs("int8kernel")
+def test_an_int8_target_drafts_with_an_int8_head(trained_dir, tiny_model_dir):
+    """On decodekit's int8 kernel the drafter's head runs int8 weights (a quarter of the bytes
+    per draft step); its logits stay close to the float head's, and output equals int8 greedy."""
+    from decodekit.models import load_model
+    from decodekit.quant import QuantLinear, quant_kernel
+
+    model, tok = load_model(str(tiny_model_dir), dtype="int8")
+    assert quant_kernel(model) == "decodekit"
+    rows = [r[:6] for r in chat_batch(tok, ["hi", "Tell me a joke"])[0].tolist()]
+    out = _eagle(model, rows, f"eagle:{trained_dir}", n=12, gamma=3)
+    assert out.sequences == _greedy(model, rows, 12)
+    assert sum(s.drafted for s in out.stats) > 0
+    (head,) = model._decodekit_eagle.values()
+    assert isinstance(head.layer.mlp.down_proj, QuantLinear) and head.shared.lm_int8 is not None
+    float_head = load_head(trained_dir, model)
+    hidden = torch.randn(3, model.config.hidden_size)
+    torch.testing.assert_close(head.logits(hidden), float_head.logits(hidden), rtol=0.05, atol=0.05)
+
+
 def test_a_new_head_starts_from_the_quantized_targets_last_layer():
     from decodekit.quant import QuantLinear, quantize_model
 

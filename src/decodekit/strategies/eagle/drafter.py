@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from decodekit.cache import ModelState, left_pad
+from decodekit.quant import quant_kernel
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.drafting import Draft, Drafter, chain_draft, draw_draft, maybe_compact
 from decodekit.strategies.eagle.head import EagleHead, HeadModel, capture_hidden, take_hidden
@@ -158,4 +159,6 @@ def resolve_eagle(spec: str, target) -> EagleDrafter:
     key = (str(folder.resolve()), head_file.stat().st_mtime_ns if head_file.is_file() else 0)
     if key not in cache:
         cache[key] = load_head(folder, target)
+        if quant_kernel(target) == "decodekit":  # an int8 target: draft with int8 weights too
+            cache[key].quantize_int8()
     return EagleDrafter(target, cache[key])
