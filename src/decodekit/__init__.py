@@ -1,6 +1,7 @@
 """decodekit: every major LLM decoding strategy on any Hugging Face causal LM."""
 
 from decodekit.api import build_request, generate, generate_super, prepare_inputs
+from decodekit.attention import use_gqa_attention
 from decodekit.cache import ModelState, left_pad, prune_cache
 from decodekit.constraints import (
     CONSTRAINT_OPTIONS,
@@ -11,6 +12,7 @@ from decodekit.constraints import (
     forced_tokens,
 )
 from decodekit.detok import IncrementalDetokenizer, TextCallbackStreamer
+from decodekit.int8_kernel import int8_kernel, int8_kernel_problem
 from decodekit.io import encode_prompts, load_prompts
 from decodekit.kvstate import Backend, KVState, backend_of, register_backend
 from decodekit.llamacpp import LlamaCppModel, LlamaCppState
@@ -51,7 +53,7 @@ from decodekit.processors import (
     top_p_filtering,
 )
 from decodekit.quality import continuation_loglik, distinct_n, exact_match, normalize_answer
-from decodekit.quant import QuantLinear, quantize_model
+from decodekit.quant import QuantLinear, quant_kernel, quantize_model
 from decodekit.ray import RayEngine, generate_dataset  # Ray itself is imported only when used
 from decodekit.seed import (
     ExtendedInferenceSampler,
@@ -108,6 +110,10 @@ __all__ = [
     "LlamaCppModel",
     "LlamaCppState",
     "QuantLinear",
+    "quant_kernel",
+    "int8_kernel",
+    "int8_kernel_problem",
+    "use_gqa_attention",
     "quantize_model",
     "vocab_size",
     "context_length",
