@@ -63,6 +63,14 @@ def test_kernel_is_chosen_and_can_be_switched_off(monkeypatch):
         QuantLinear(linear, "int8")
 
 
+def test_a_bad_kernel_choice_fails_in_one_line_before_the_model_is_touched(monkeypatch):
+    monkeypatch.setenv("DECODEKIT_INT8_KERNEL", "fast")
+    monkeypatch.setattr("decodekit.models.local_model_dir", lambda *a: pytest.fail("touched the model"))
+    with pytest.raises(DecodeKitError, match="DECODEKIT_INT8_KERNEL must be one of") as err:
+        decodekit.load_model("smollm2-135m-instruct", dtype="int8")
+    assert "\n" not in str(err.value)
+
+
 def test_both_kernels_give_the_same_layer_within_rounding(monkeypatch):
     torch.manual_seed(0)
     linear = nn.Linear(96, 40)

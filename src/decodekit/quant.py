@@ -52,6 +52,7 @@ def check_quant(scheme: str, device: torch.device, plan: list[tuple[str, nn.Line
     if device.type != "cpu":
         raise DecodeKitError(f"dtype {scheme!r} runs on the CPU only (PyTorch's CPU weight-only kernels); "
                              f"use --device cpu or a float dtype on {device.type}")
+    int8_kernel()  # DECODEKIT_INT8_KERNEL is checked (and the kernel built) before any weights load
     for name, linear, layer_scheme in plan:
         out_f, in_f = linear.out_features, linear.in_features
         if layer_scheme == "int4" and (out_f % GROUP or in_f % GROUP):
