@@ -127,6 +127,7 @@ TABLES: dict[str, Table] = {
     "lookup-fp32": Table("cpu-eagle", BASIC + ["chat", "grounded"], strategies=("greedy", "prompt_lookup", "ngram")),
     "hybrid-bf16-grounded": Table("cpu-hybrid-bf16-grounded", BASIC),
     "int8-drafting": Table("cpu-int8-drafting", BASIC, impls=("decodekit",)),
+    "lookup-int8-llamacpp-amd": Table("cpu-llamacpp-lookup-amd", BASIC, impls=("decodekit",)),
     "dtype-default": Table("cpu-dtype-default", ["strategy", "dtype", "batch", "tok_s", "x_greedy", "fwd", "acc", "same"],
                            impls=("decodekit",)),
 }
