@@ -88,6 +88,18 @@ def test_unroll_equals_drafting_each_start_alone(setup):
     assert checked > 50
 
 
+def _with_depth1_labels(samples: list[dict], labels: torch.Tensor) -> list[dict]:
+    """Copies of ``samples`` whose trained greedy labels are ``labels [B, L]`` (depth 1's)."""
+    rigged = []
+    for row, s in enumerate(samples):
+        s = dict(s, greedy=s["greedy"].clone())
+        m = s["tokens"].shape[0] - 2
+        trained = s["greedy"][1: m + 1] != -1
+        s["greedy"][1: m + 1] = torch.where(trained, labels[row, :m], -1)
+        rigged.append(s)
+    return rigged
+
+
 def test_acceptance_is_conditional_on_earlier_depths(setup):
     """Labels set to the head's own argmax at depth 1 and 2 only: depth 1 and 2 always right,
     depth 3 right by chance only."""
@@ -96,13 +108,7 @@ def test_acceptance_is_conditional_on_earlier_depths(setup):
     with torch.no_grad():
         preds = unroll(head, batch, 2)
     firsts = head.logits(preds[0]).argmax(-1)  # [B, L]
-    rigged = []
-    for row, s in enumerate(samples):
-        s = dict(s, greedy=s["greedy"].clone())
-        m = s["tokens"].shape[0] - 2
-        trained = s["greedy"][1: m + 1] != -1
-        s["greedy"][1: m + 1] = torch.where(trained, firsts[row, :m], -1)
-        rigged.append(s)
+    rigged = _with_depth1_labels(samples, firsts)
     rates = acceptance(head, rigged, 3)
     assert rates[0] == 1.0 and rates[1] < 0.5  # depth 2 sees other inputs than depth 1's labels
     assert expected_accepted([1.0, 0.5, 0.5], gamma=2) == 1.5
@@ -115,13 +121,7 @@ def test_topk_hits_count_the_first_drafts_a_tree_would_hold(setup):
     batch = make_batch(samples, None)
     with torch.no_grad():
         seconds = head.logits(unroll(head, batch, 1)[0]).topk(2, dim=-1).indices[..., 1]  # [B, L]
-    rigged = []
-    for row, s in enumerate(samples):
-        s = dict(s, greedy=s["greedy"].clone())
-        m = s["tokens"].shape[0] - 2
-        trained = s["greedy"][1: m + 1] != -1
-        s["greedy"][1: m + 1] = torch.where(trained, seconds[row, :m], -1)
-        rigged.append(s)
+    rigged = _with_depth1_labels(samples, seconds)
     assert topk_hits(head, rigged, (1, 2, 3)) == [0.0, 1.0, 1.0]
     hits = topk_hits(head, samples, (1, 4, model.config.vocab_size))
     assert hits[0] == acceptance(head, samples, 1)[0] and hits[0] <= hits[1] and hits[2] == 1.0

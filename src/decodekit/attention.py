@@ -14,6 +14,7 @@ own SDPA function unchanged.
 from __future__ import annotations
 
 from torch.nn import functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 __all__ = ["ATTENTION", "gqa_sdpa_attention", "use_gqa_attention"]
 
@@ -24,8 +25,6 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float
                        scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention-function signature: query [B, H, q, D], key/value
     [B, Hkv, L, D], attention_mask [B, 1, q, L] (bool or additive) -> ([B, q, H, D], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = getattr(module, "num_key_value_groups", 1)
     plain = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
     extras = any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux"))
