@@ -97,3 +97,35 @@ def test_a_damaged_or_foreign_file_is_measured_again(monkeypatch, tmp_path):
     monkeypatch.setattr(costs.time, "perf_counter", lambda: calls.append(1) or real())
     costs.forward_cost_curve(model, 3, repeats=1)
     assert calls  # a key that does not match is not this machine's curve
+
+
+class SwitchingState:
+    """A backend whose forward costs ``base(n)`` on a clock of its own, plus ``switch`` when
+    its width differs from the forward before (llama.cpp rebuilds its compute graph)."""
+
+    def __init__(self, clock: list[float], switch: float):
+        self.clock, self.switch, self.last = clock, switch, 1
+        self.ids = torch.zeros(1, 0, dtype=torch.long)
+
+    def extend(self, tokens):
+        n = tokens.shape[1]
+        self.clock[0] += 0.010 + 0.005 * (n - 1) + (self.switch if n != self.last else 0.0)
+        self.last = n
+
+    def crop(self, n):
+        pass
+
+
+@pytest.mark.parametrize("switch", [0.0, 0.002])
+def test_a_wider_step_is_charged_the_switch_into_and_out_of_its_width(monkeypatch, switch):
+    clock = [0.0]
+    monkeypatch.setattr(costs.time, "perf_counter", lambda: clock[0])
+    inputs = {n: torch.zeros(1, n, dtype=torch.long) for n in (1, 2, 4)}
+    t = costs.time_steps(SwitchingState(clock, switch), inputs, repeats=2)
+    assert t[1] == pytest.approx(0.010)  # a one-token step after another pays no switch
+    for n in (2, 4):
+        assert t[n] == pytest.approx(0.010 + 0.005 * (n - 1) + 2 * switch)
+
+
+def test_the_calibration_key_names_how_the_curve_was_measured():
+    assert costs.calibration_key(named_tiny(), 1)["measure"] == costs.MEASURE
