@@ -54,6 +54,7 @@ COLUMNS = {
     "tok_s": ("tokens/s", _num("tokens_per_s")),
     "x_greedy": ("x our greedy", _num("x_greedy", 2)),
     "x_tf": ("x transformers", _num("x_transformers", 2)),
+    "decode_x": ("decode x greedy", _num("decode_x_greedy", 2)),  # without the prefill
     # llama.cpp's own rows are not counted by the bench's forward hook
     "fwd": ("forwards/token", lambda r: "–" if r["impl"] == "llama.cpp" else _num("forwards_per_token", 2)(r)),
     "acc": ("acceptance", _num("acceptance_rate", 2)),

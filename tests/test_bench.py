@@ -189,6 +189,22 @@ def test_summary_ratios():
     assert spec["acceptance_rate"] == 0.5 and spec["mean_accepted_length"] == 2.5
     assert rows[("speculative", "decodekit", 2)]["swept"]
     assert rows[("beam", "decodekit", None)]["tokens_per_s"] is None
+    assert greedy["decode_ms_per_token"] is None and spec["decode_x_greedy"] is None  # peers, old records
+
+
+def test_the_decode_rate_leaves_the_prefill_out():
+    """A strategy whose output is shorter spreads the same prefill over fewer tokens: its
+    tokens/s falls though each decoded token costs what greedy's does."""
+    results = _results()
+    runs = {(r["strategy"], r["gamma"]): r for r in results["runs"] if r["impl"] == "decodekit"}
+    # greedy: 1 s prefill + 40 tokens at 10 ms; speculative: the same prefill + 10 tokens at 10 ms
+    runs[("greedy", None)]["trials"] = [{"seconds": 1.4, "tokens": 41, "suites": {}, "decode_seconds": 0.4, "decode_tokens": 40}]
+    runs[("speculative", None)]["trials"] = [{"seconds": 1.1, "tokens": 11, "suites": {},
+                                             "decode_seconds": 0.1, "decode_tokens": 10}]
+    rows = {(r["strategy"], r["impl"], r["gamma"] if r["swept"] else None): r for r in summarize(results)}
+    spec = rows[("speculative", "decodekit", None)]
+    assert spec["x_greedy"] == pytest.approx((11 / 1.1) / (41 / 1.4))  # 0.34: the prefill's share
+    assert spec["decode_ms_per_token"] == pytest.approx(10.0) and spec["decode_x_greedy"] == pytest.approx(1.0)
 
 
 def test_report_json_and_plots(tmp_path):
@@ -240,6 +256,9 @@ def test_tiny_end_to_end_bench(tmp_path, capsys):
     runs = {r["key"]: r for r in results["runs"]}
     greedy = runs["greedy/decodekit float32 b1"]
     assert greedy["error"] is None and greedy["trials"][0]["tokens"] > 0
+    trial = greedy["trials"][0]  # 2 prompts x 4 tokens, the first of each row after its prefill
+    assert trial["decode_tokens"] == 2 * 3 and 0 < trial["decode_seconds"] < trial["seconds"]
+    assert "decode_tokens" not in runs["greedy/transformers float32 b1"]["trials"][0]
     assert runs["greedy/transformers float32 b1"]["identical_to_greedy"] == "2/2"
     assert runs["greedy/decodekit float32 b2"]["identical_to_transformers"] == "2/2"
     assert runs["prompt_lookup/decodekit float32 b1"]["identical_to_greedy"] == "2/2"

@@ -28,6 +28,7 @@ class RequestStats:
     new_tokens: int = 0
     forward_passes: int = 0  # target-model forwards this request took part in (prefill included)
     seconds: float = 0.0  # from the start of the call to this request's last token
+    first_token_seconds: float = 0.0  # from the start of the call to its first token (prefill included)
     finish_reason: str = "length"  # "eos" | "length" | "stop_string"
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens accepted by the target
@@ -40,6 +41,13 @@ class RequestStats:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first per second after it: the decode rate without the prefill
+        (0.0 with fewer than two tokens)."""
+        seconds = self.seconds - self.first_token_seconds
+        return (self.new_tokens - 1) / seconds if self.new_tokens > 1 and seconds > 0 else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -81,6 +89,7 @@ class RequestStats:
         d.pop("draft_lengths")
         d["tokens_per_s"] = round(self.tokens_per_s, 3)
         d["seconds"] = round(self.seconds, 4)
+        d["first_token_seconds"] = round(self.first_token_seconds, 4)
         if self.drafted:
             d["acceptance_rate"] = round(self.acceptance_rate, 4)
             d["mean_accepted_length"] = round(self.mean_accepted_length, 4)
@@ -206,6 +215,8 @@ class RowTracker:
             kept = self._append(row, new_tokens[i])
             if self.logprobs_n is not None and kept:
                 self.logprobs[row] += logprob_entries(scores[i, : len(kept)], kept, self.logprobs_n)
+            if kept and self.stats[row].new_tokens == len(kept):  # the row's first tokens
+                self.stats[row].first_token_seconds = now
             self.stats[row].seconds = now
             if kept and self.stream is not None:
                 self.stream(row, kept)

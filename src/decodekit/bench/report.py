@@ -37,6 +37,8 @@ def summarize(results: dict) -> list[dict]:
     median = {}
     for r in runs:
         median[(r["strategy"], r["impl"], r["dtype"], r["batch_size"], r["gamma"])] = _median(_rates(r["trials"]))
+    decode = {(r["strategy"], r["impl"], r["dtype"], r["batch_size"], r["gamma"]): _decode_ms(r["trials"])
+              for r in runs}
     rows = []
     for r in runs:
         rates = _rates(r["trials"])
@@ -56,6 +58,11 @@ def summarize(results: dict) -> list[dict]:
             "x_greedy": _ratio(med, greedy), "x_transformers": _ratio(med, hf),
             "ms_per_token": 1000 / med if med else None,
             "x_floor_ms": _ratio(floor, med),  # (our ms/token) / (floor ms/token) = floor tok/s / ours
+            # after each row's first token: the decode rate without the prefill, fair between
+            # strategies whose outputs differ in length (prefill time spread over fewer tokens)
+            "decode_ms_per_token": decode[(r["strategy"], r["impl"], *where[:2], r["gamma"])],
+            "decode_x_greedy": _ratio(decode.get(("greedy", "decodekit", *where)),
+                                      decode[(r["strategy"], r["impl"], *where[:2], r["gamma"])]),
             "forwards_per_token": _ratio(spec.get("forwards"), spec.get("tokens_per_row")),
             "acceptance_rate": _ratio(spec.get("accepted"), spec.get("drafted")) if spec.get("drafted") else None,
             "mean_accepted_length": (spec.get("accepted", 0) + steps) / steps if steps else None,
@@ -71,6 +78,11 @@ def summarize(results: dict) -> list[dict]:
         }
         rows.append(row)
     return rows
+
+
+def _decode_ms(trials: list[dict]) -> float | None:
+    """Median over trials of ms per token after the first token of each row (None without)."""
+    return _median([1000 * t["decode_seconds"] / t["decode_tokens"] for t in trials if t.get("decode_tokens")])
 
 
 def foundation_rows(summary: list[dict]) -> list[dict]:
@@ -120,7 +132,9 @@ def render_report(results: dict) -> str:
         f"- wall time: {results.get('wall_seconds', 0):.0f} s", "",
         "tokens/s = new tokens / seconds over every prompt (median of the trials, "
         "min–max in brackets). x greedy / x transformers: tokens/s ratio to our greedy / to "
-        "transformers' equivalent call (same dtype and batch). x floor: how many times the "
+        "transformers' equivalent call (same dtype and batch). decode ms/token: after each row's "
+        "first token, so without the prefill (fair where outputs differ in length); decode x greedy: "
+        "our greedy's over this run's. x floor: how many times the "
         "bare forward loop's ms/token this run's ms/token is. fwd/token: target-model "
         "forward calls per generated token of a row. = greedy / = transformers rows: rows "
         "token-identical to our greedy / to transformers' equivalent.", "",
@@ -186,13 +200,14 @@ def _main_section(summary: list[dict]) -> list[str]:
                 r["strategy"], r["impl"],
                 f"{_f(r['tokens_per_s'])} ({_f(r['tokens_per_s_min'])}–{_f(r['tokens_per_s_max'])})",
                 _f(r["x_greedy"], 2), _f(r["x_transformers"], 2), _f(r["ms_per_token"]),
+                _f(r["decode_ms_per_token"]), _f(r["decode_x_greedy"], 2),
                 _f(r["x_floor_ms"], 2), _f(r["forwards_per_token"], 2), _f(r["acceptance_rate"], 2),
                 _f(r["mean_accepted_length"], 2), _f(r["peak_rss_mib"], 0),
                 r["identical_to_greedy"] or "–", r["identical_to_transformers"] or "–",
             ])
         lines += [f"## {dtype}, batch {bs}", ""]
         lines += _table(["strategy", "impl", "tok/s (min–max)", "x greedy", "x transformers",
-                         "ms/token", "x floor", "fwd/token", "acceptance", "mean acc. len",
+                         "ms/token", "decode ms/token", "decode x greedy", "x floor", "fwd/token", "acceptance", "mean acc. len",
                          "peak RSS MiB", "= greedy rows", "= transformers rows"], body)
         lines.append("")
     return lines

@@ -334,6 +334,16 @@ def _record_spec(run: Run, stats, calls: int, tokens_per_row: float) -> None:
             spec["histogram"] = dict(sorted(hist.items()))
 
 
+def _add_decode(trial: dict, stats) -> None:
+    """The batch's decode part (after its first tokens, so without the prefill): tokens and
+    seconds, from our rows' ``RequestStats`` (peers report none)."""
+    if not stats or not any(s.new_tokens for s in stats):
+        return
+    first = max(s.first_token_seconds for s in stats if s.new_tokens)
+    trial["decode_seconds"] = trial.get("decode_seconds", 0.0) + max(s.seconds for s in stats) - first
+    trial["decode_tokens"] = trial.get("decode_tokens", 0) + sum(max(s.new_tokens - 1, 0) for s in stats)
+
+
 def measure(ctx: Context, run: Run, first_trial: bool) -> None:
     """Time one run over every batch of its batch size; append one trial."""
     call = CALLS[run.impl]
@@ -352,6 +362,7 @@ def measure(ctx: Context, run: Run, first_trial: bool) -> None:
             tokens = sum(len(r) for r in rows)
             trial["seconds"] += seconds
             trial["tokens"] += tokens
+            _add_decode(trial, stats)
             suite = trial["suites"].setdefault(batch.suite, {"seconds": 0.0, "tokens": 0})
             suite["seconds"] += seconds
             suite["tokens"] += tokens
