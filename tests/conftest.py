@@ -102,14 +102,23 @@ def recorded_cost(tokens: int) -> float:
     return 0.05 * (1 + 0.12 * (tokens - 1))
 
 
+def recorded_feeds(batch: int):
+    """The EAGLE head's feed times by width, in the recorded shape (a head costs 0.07 of a target)."""
+    from decodekit.costs import CostCurve
+
+    curve = CostCurve()
+    curve.points.update({n: 0.07 * recorded_cost(n * batch) for n in (1, 2, 4, 8, 16, 32)})
+    return curve
+
+
 def _real_timers():
     from decodekit import costs
     from decodekit.strategies.eagle import EagleDrafter
 
-    return costs.measure_forwards, EagleDrafter.step_cost
+    return costs.measure_forwards, EagleDrafter.step_cost, EagleDrafter.feed_costs
 
 
-REAL_MEASURE, REAL_STEP_COST = _real_timers()
+REAL_MEASURE, REAL_STEP_COST, REAL_FEED_COSTS = _real_timers()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -126,6 +135,7 @@ def recorded_forward_costs():
         mp.setattr(costs, "measure_forwards",
                    lambda model, todo, batch, repeats: {n: recorded_cost(n * batch) for n in todo})
         mp.setattr(EagleDrafter, "step_cost", lambda self, batch: 0.07 * recorded_cost(batch))
+        mp.setattr(EagleDrafter, "feed_costs", lambda self, batch: recorded_feeds(batch))
         mp.setenv("DECODEKIT_COST_CACHE", "0")  # nothing recorded or measured in tests reaches a file
         yield
 
@@ -141,6 +151,7 @@ def measured_costs(request, monkeypatch, tmp_path):
 
     monkeypatch.setattr(costs, "measure_forwards", REAL_MEASURE)
     monkeypatch.setattr(EagleDrafter, "step_cost", REAL_STEP_COST)
+    monkeypatch.setattr(EagleDrafter, "feed_costs", REAL_FEED_COSTS)
     monkeypatch.setattr(costs, "CURVES", {})
     monkeypatch.setenv("DECODEKIT_COST_CACHE", str(tmp_path / "cost_curves"))
 

@@ -325,6 +325,27 @@ def test_cost_policy_weighs_one_levels_drafts_against_the_whole_batch():
     assert policy.choose([[9]]).tolist() == [5]
 
 
+def test_cost_policy_charges_a_drafters_setup_to_drafting():
+    """A drafter that must first catch up (EAGLE after a stretch of copies) costs more to start
+    than its steps: drafts that pay at step cost alone lose with the setup counted."""
+    policy = _policy_with_curve({1: 0.030, 2: 0.034, 40: 0.20}, gmax=5, draft_cost=0.002)
+
+    class CatchingUp(Drafter):
+        setup = 0.0
+
+        def step_cost(self, batch):
+            return 0.002
+
+        def setup_cost(self, level, batch):
+            return self.setup
+
+    policy.drafter = CatchingUp()
+    policy.accepted, policy.rejected = 3.0, 7.0  # a = 0.38 with the prior
+    assert policy.choose([[1]]).item() >= 1
+    policy.drafter.setup = 0.020  # feeding many pending pairs: 2/3 of a target forward
+    assert policy.choose([[1]]).tolist() == [0]
+
+
 def test_cost_policy_keeps_one_estimate_per_level():
     """The hybrid says before drafting which rows would copy a lookup match (level 1) and which
     the primary would draft for (level 0): a failing primary must not stop the lookup rows."""

@@ -259,6 +259,30 @@ def test_greedy_identical_batch_1_and_ragged_4_with_a_draft_vocabulary():
     assert cost.sequences == want and drafter.step_cost(4) > 0
 
 
+def test_setup_cost_is_feeding_the_widest_pending_row_beyond_one_pair():
+    from conftest import recorded_feeds
+
+    model = tiny_llama(0, layers=3)
+    drafter = EagleDrafter(model, EagleHead(model, torch.arange(0, 97, 3)).eval())
+    feed = recorded_feeds(2)
+    drafter.pending = [torch.zeros(1, 8), torch.zeros(9, 8)]
+    assert drafter.setup_cost(0, 2) == pytest.approx(feed(9) - feed(1)) and feed(9) > feed(1)
+    drafter.pending = [torch.zeros(1, 8), torch.zeros(0, 8)]  # caught up: a step feeds one pair anyway
+    assert drafter.setup_cost(0, 2) == 0.0
+
+
+@pytest.mark.measured_costs
+def test_the_heads_feed_costs_are_measured_without_touching_its_state():
+    model = tiny_llama(0, layers=3)
+    drafter = EagleDrafter(model, EagleHead(model, torch.arange(0, 97, 3)).eval())
+    generate(model, ROWS[:1], strategy="speculative", drafter=drafter, max_new_tokens=4, eos_token_id=[])
+    state = drafter.state
+    curve = drafter.feed_costs(1)
+    assert drafter.state is state and set(curve.points) == {1, 2, 4, 8, 16, 32}
+    assert all(curve.points[a] <= curve.points[b] for a, b in ((1, 2), (2, 4), (4, 8), (8, 16), (16, 32)))
+    assert drafter.step_cost(1) > 0
+
+
 def test_sampling_through_a_reduced_vocabulary_head_follows_the_target():
     """q is zero outside the draft vocabulary; verification still reproduces the target's
     distribution (TV of the first three tokens' marginals against the exact ones)."""

@@ -188,13 +188,15 @@ class CostPolicy(DraftPolicy):
 
     The model. One step with ``k`` drafts for a batch of ``B`` rows costs
 
-        T(k) = t_target(k + 1, B) + k * t_draft(B)
+        T(k) = t_target(k + 1, B) + [k > 0] * t_setup(B) + k * t_draft(B)
 
     where ``t_target(n, B)`` is the measured time of one target forward of ``B`` rows with
     ``n`` new tokens each (``VerifyCost``: measured for the batch size in use, since a
     forward's cost grows with its tokens faster at batch 4 than at batch 1) and
     ``t_draft(B)`` the drafter's cost of one drafting step (``Drafter.step_cost``: a
-    forward of the draft model, ~0 for n-grams).
+    forward of the draft model, ~0 for n-grams), ``t_setup(B)`` what drafting now costs
+    beyond its steps (``Drafter.setup_cost``: the EAGLE head feeding the features of the
+    tokens accepted since it last drafted).
     If every draft is accepted independently with probability ``a`` (``Acceptance``), the
     step emits ``E(k, a) = (1 - a^(k+1)) / (1 - a)`` tokens per row, so the policy picks
 
@@ -267,12 +269,13 @@ class CostPolicy(DraftPolicy):
 
     def batch_speed(self, k: dict[int, int], levels: list[int]) -> float:
         """Expected tokens per second of the batch when rows of level ``lv`` draft ``k[lv]``:
-        one verify forward as wide as the widest, plus each level's drafting steps."""
+        one verify forward as wide as the widest, plus each drafting level's setup (a drafter
+        catching up) and drafting steps."""
         batch = len(levels)
         tokens = sum(expected_tokens(k[lv], self.level(lv).rate) for lv in levels)
-        seconds = self.cost(max(k.values()) + 1, batch) + sum(n * self.drafter.level_cost(lv, batch)
-                                                             for lv, n in k.items())
-        return tokens / max(seconds, 1e-9)
+        drafting = sum(self.drafter.setup_cost(lv, batch) + n * self.drafter.level_cost(lv, batch)
+                       for lv, n in k.items() if n)
+        return tokens / max(self.cost(max(k.values()) + 1, batch) + drafting, 1e-9)
 
     def observe(self, drafted: Tensor, accepted: Tensor) -> None:
         drafted, accepted = drafted.cpu().tolist(), accepted.cpu().tolist()

@@ -89,6 +89,12 @@ class Drafter:
         """Seconds of one drafting step for rows of ``level`` (default: ``step_cost``)."""
         return self.step_cost(batch)
 
+    def setup_cost(self, level: int, batch: int) -> float:
+        """Seconds a ``propose`` for rows of ``level`` costs now beyond its drafting steps
+        (EAGLE: catching up on the target's features of the tokens accepted since it last
+        drafted). Default: none."""
+        return 0.0
+
 
 def draw_draft(req: DecodeRequest, logits: Tensor, rows: list[list[int]] | None) -> tuple[Tensor, Tensor]:
     """Drafter ``logits [B, V]`` -> ``q [B, V]`` (processed like p, with the same history

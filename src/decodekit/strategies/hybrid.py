@@ -106,6 +106,10 @@ class HybridDrafter(Drafter):
         """One drafting step of a row of ``level``: the primary's, or ~0 for a lookup copy."""
         return 0.0 if level == 1 else self.primary.step_cost(batch)
 
+    def setup_cost(self, level: int, batch: int) -> float:
+        """The primary's catch-up (it was not fed while rows copied), nothing for a lookup copy."""
+        return 0.0 if level == 1 else self.primary.setup_cost(0, batch)
+
 
 def _padded(found: list[list[int]], k: int) -> tuple[Tensor, Tensor]:
     """Lookup drafts of every row -> ``tokens [B, k]``, ``drafted [B]``."""

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from decodekit.cache import ModelState, left_pad
+from decodekit.costs import CostCurve, monotone
 from decodekit.quant import quant_kernel
 from decodekit.strategies.base import DecodeRequest
 from decodekit.strategies.drafting import Draft, Drafter, chain_draft, draw_draft, maybe_compact
@@ -39,10 +40,12 @@ class EagleDrafter(Drafter):
         self.model = head.__dict__.setdefault("_state_model", HeadModel(head))  # one per head (add_rows)
         self.memory = head.__dict__.setdefault("_drafter_memory", {})
         self.state: ModelState | None = None
+        self.req: DecodeRequest | None = None  # set by prefill
         self.pending: list[Tensor] = []
         self.consumed: list[int] = []
         self.fed = 0
-        self._costs: dict[int, float] = head.__dict__.setdefault("_step_costs", {})
+        self._costs: dict[tuple[int, bool], float] = head.__dict__.setdefault("_step_costs", {})  # (batch, greedy)
+        self._feeds: dict[int, CostCurve] = head.__dict__.setdefault("_feed_costs", {})  # batch -> feed(width)
         capture_hidden(target)
 
     def prefill(self, req: DecodeRequest) -> None:
@@ -129,23 +132,82 @@ class EagleDrafter(Drafter):
 
     @torch.inference_mode()
     def step_cost(self, batch: int) -> float:
-        """Seconds of one drafting step (head forward + LM-head rows) for ``batch`` rows,
-        measured once per batch size after 64 tokens of context."""
-        if batch not in self._costs:
-            state = ModelState.empty(self.model, batch)
-            hidden_size = self.head.config.hidden_size
-            feats = torch.zeros(batch, 64, hidden_size, dtype=self.head.fc.weight.dtype, device=self.head.device)
-            self.model.features = feats
-            state.extend(torch.zeros(batch, 64, dtype=torch.long), logits_to_keep=1)
+        """Seconds of one drafting step for ``batch`` rows as ``propose`` takes it: feed one
+        pair, then the head's logits, mapped to the full vocabulary and processed like the
+        target's (``_timed_draw``: the processor's cost counts, a sampling one more than greedy),
+        after 64 tokens of context; measured once per batch size and kind of processor (before
+        a request: unprocessed)."""
+        greedy = self.req is None or self.req.processor.is_greedy
+        if (batch, greedy) not in self._costs:
+            state, self.state = self.state, ModelState.empty(self.model, batch)
+            try:
+                self._costs[(batch, greedy)] = self._time_step(batch)
+            finally:
+                self.state = state
+        return self._costs[(batch, greedy)]
+
+    def setup_cost(self, level: int, batch: int) -> float:
+        """Drafting now first feeds every row's pending features (as wide as the widest row's:
+        after a stretch of prompt-lookup copies, many), where a drafting step feeds one pair:
+        the difference, from the head's feed times by width (``feed_costs``)."""
+        width = max((len(p) for p in self.pending), default=0)
+        if width <= 1:
+            return 0.0
+        feed = self.feed_costs(batch)
+        return max(feed(width) - feed(1), 0.0)
+
+    @torch.inference_mode()
+    def feed_costs(self, batch: int) -> CostCurve:
+        """Seconds of feeding ``n`` pairs per row into the head after 64 of context, for ``n``
+        in 1..32 (linear in between, extended beyond), measured once per batch size."""
+        if batch not in self._feeds:
+            state, self.state = self.state, ModelState.empty(self.model, batch)
+            try:
+                self._feeds[batch] = self._time_feeds(batch)
+            finally:
+                self.state = state
+        return self._feeds[batch]
+
+    def _time_feeds(self, batch: int) -> CostCurve:
+        """Median of 3 timed feeds per width on the scratch ``self.state``."""
+        hidden_size, dtype, device = self.head.config.hidden_size, self.head.fc.weight.dtype, self.head.device
+        self._feed(torch.zeros(batch, 64, dtype=torch.long, device=device),
+                   torch.zeros(batch, 64, hidden_size, dtype=dtype, device=device))
+        curve = CostCurve()
+        for width in (1, 2, 4, 8, 16, 32):
+            tokens = torch.zeros(batch, width, dtype=torch.long, device=device)  # [B, n]
+            features = torch.zeros(batch, width, hidden_size, dtype=dtype, device=device)  # [B, n, H]
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                self.model.features = feats[:, :1]
-                self.head.logits(state.extend(torch.zeros(batch, 1, dtype=torch.long))[:, -1])
+                self._feed(tokens, features)
                 times.append(time.perf_counter() - t0)
-                state.crop(1)
-            self._costs[batch] = sorted(times)[1]
-        return self._costs[batch]
+                self.state.crop(width)
+            curve.points[width] = sorted(times)[1]
+        monotone(curve)
+        return curve
+
+    def _time_step(self, batch: int) -> float:
+        """Median of 3 timed draft steps on the scratch ``self.state``."""
+        feats = torch.zeros(batch, 64, self.head.config.hidden_size, dtype=self.head.fc.weight.dtype,
+                            device=self.head.device)
+        hidden = self._feed(torch.zeros(batch, 64, dtype=torch.long, device=self.head.device), feats)  # [B, H]
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            self._feed_draft(self._timed_draw(hidden), hidden)
+            times.append(time.perf_counter() - t0)
+            self.state.crop(1)
+        return sorted(times)[1]
+
+    def _timed_draw(self, hidden: Tensor) -> Tensor:
+        """``_draw``'s work for ``hidden [B, H]`` -> argmax drafts ``[B]``, drawing nothing from the
+        request's generator (a seeded sample must not depend on whether a cost was measured)."""
+        logits = self.head.full_logits(self.head.logits(hidden)).float()  # [B, V]
+        proc = None if self.req is None else self.req.processor
+        if proc is not None and not proc.needs_history:  # history processors: their cost is left out
+            logits = proc.distribution(proc.process_logits(None, logits))
+        return logits.argmax(-1)
 
 
 def resolve_eagle(spec: str, target) -> EagleDrafter:
