@@ -150,8 +150,6 @@ def measure_forwards(model, todo: list[int], batch: int, repeats: int) -> dict[i
     vocab = vocab_size(model)
     ctx = torch.randint(4, vocab, (batch, CONTEXT), generator=gen)  # [B, CONTEXT]
     state, _ = ModelState.prefill(model, ctx)
-    state.extend(ctx[:, :1])  # warm-up
-    state.crop(1)
     inputs = {n: torch.randint(4, vocab, (batch, n), generator=gen) for n in sorted(set(todo) | {1})}
     return {n: t for n, t in time_steps(state, inputs, repeats).items() if n in todo}
 
@@ -160,17 +158,18 @@ def time_steps(state, inputs: dict[int, Tensor], repeats: int) -> dict[int, floa
     """``t(n)``: the seconds a forward of ``inputs[n] [B, n]`` adds to a stream of one-token
     forwards, fastest of ``repeats`` rounds (sizes timed in turn; ``inputs`` holds ``n = 1``).
 
-    Each size is timed as the pair (``n`` tokens, then one token), after a one-token forward,
-    and ``t(n) = pair(n) - pair(1) / 2``: ``t(1)`` is a one-token step after another, and a
-    backend that prepares each new width (llama.cpp builds its compute graph again when the
-    batch shape changes: +0.6 ms of a 8.3 ms one-token forward on the AMD EPYC) charges the
-    way in and back out to the wider step, as a speculative decode pays them."""
+    Each size is timed as the pair (``n`` tokens, then one token), after a one-token forward
+    (the previous pair's last; an untimed one, also the warm-up, before the first), and
+    ``t(n) = pair(n) - pair(1) / 2``: ``t(1)`` is a one-token step after another, and a backend
+    that prepares each new width (llama.cpp builds its compute graph again when the batch
+    shape changes: +0.6 ms of a 8.3 ms one-token forward on the AMD EPYC) charges the way in
+    and back out to the wider step, as a speculative decode pays them."""
     one = inputs[1]
     pairs: dict[int, float] = {n: math.inf for n in inputs}
+    state.extend(one)  # the step before the first pair: one token (each pair ends with one)
+    state.crop(1)
     for _ in range(repeats):
         for n, tokens in inputs.items():
-            state.extend(one)  # the step before: one token
-            state.crop(1)
             _sync(state)
             t0 = time.perf_counter()
             state.extend(tokens)

@@ -130,7 +130,6 @@ class EagleDrafter(Drafter):
         self.pending += other.pending
         self.consumed += other.consumed
 
-    @torch.inference_mode()
     def step_cost(self, batch: int) -> float:
         """Seconds of one drafting step for ``batch`` rows as ``propose`` takes it: feed one
         pair, then the head's logits, mapped to the full vocabulary and processed like the
@@ -139,11 +138,7 @@ class EagleDrafter(Drafter):
         a request: unprocessed)."""
         greedy = self.req is None or self.req.processor.is_greedy
         if (batch, greedy) not in self._costs:
-            state, self.state = self.state, ModelState.empty(self.model, batch)
-            try:
-                self._costs[(batch, greedy)] = self._time_step(batch)
-            finally:
-                self.state = state
+            self._costs[(batch, greedy)] = self._on_scratch(batch, self._time_step)
         return self._costs[(batch, greedy)]
 
     def setup_cost(self, level: int, batch: int) -> float:
@@ -156,49 +151,48 @@ class EagleDrafter(Drafter):
         feed = self.feed_costs(batch)
         return max(feed(width) - feed(1), 0.0)
 
-    @torch.inference_mode()
     def feed_costs(self, batch: int) -> CostCurve:
         """Seconds of feeding ``n`` pairs per row into the head after 64 of context, for ``n``
         in 1..32 (linear in between, extended beyond), measured once per batch size."""
         if batch not in self._feeds:
-            state, self.state = self.state, ModelState.empty(self.model, batch)
-            try:
-                self._feeds[batch] = self._time_feeds(batch)
-            finally:
-                self.state = state
+            self._feeds[batch] = self._on_scratch(batch, self._time_feeds)
         return self._feeds[batch]
 
-    def _time_feeds(self, batch: int) -> CostCurve:
-        """Median of 3 timed feeds per width on the scratch ``self.state``."""
-        hidden_size, dtype, device = self.head.config.hidden_size, self.head.fc.weight.dtype, self.head.device
-        self._feed(torch.zeros(batch, 64, dtype=torch.long, device=device),
-                   torch.zeros(batch, 64, hidden_size, dtype=dtype, device=device))
-        curve = CostCurve()
-        for width in (1, 2, 4, 8, 16, 32):
-            tokens = torch.zeros(batch, width, dtype=torch.long, device=device)  # [B, n]
-            features = torch.zeros(batch, width, hidden_size, dtype=dtype, device=device)  # [B, n, H]
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                self._feed(tokens, features)
-                times.append(time.perf_counter() - t0)
-                self.state.crop(width)
-            curve.points[width] = sorted(times)[1]
-        monotone(curve)
-        return curve
+    @torch.inference_mode()
+    def _on_scratch(self, batch: int, measure):
+        """``measure(hidden [B, H])`` on a scratch head state of ``batch`` rows holding 64 pairs of
+        context (``hidden``: its last predicted features); the drafter's own state is untouched."""
+        state, self.state = self.state, ModelState.empty(self.model, batch)
+        try:
+            device = self.head.device
+            features = torch.zeros(batch, 64, self.head.config.hidden_size, dtype=self.head.fc.weight.dtype,
+                                   device=device)
+            return measure(self._feed(torch.zeros(batch, 64, dtype=torch.long, device=device), features))
+        finally:
+            self.state = state
 
-    def _time_step(self, batch: int) -> float:
-        """Median of 3 timed draft steps on the scratch ``self.state``."""
-        feats = torch.zeros(batch, 64, self.head.config.hidden_size, dtype=self.head.fc.weight.dtype,
-                            device=self.head.device)
-        hidden = self._feed(torch.zeros(batch, 64, dtype=torch.long, device=self.head.device), feats)  # [B, H]
+    def _median_time(self, work, width: int) -> float:
+        """Median of 3 runs of ``work()``, each feeding ``width`` columns the scratch state drops."""
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            self._feed_draft(self._timed_draw(hidden), hidden)
+            work()
             times.append(time.perf_counter() - t0)
-            self.state.crop(1)
+            self.state.crop(width)
         return sorted(times)[1]
+
+    def _time_feeds(self, hidden: Tensor) -> CostCurve:
+        batch, dim = hidden.shape
+        curve = CostCurve()
+        for width in (1, 2, 4, 8, 16, 32):
+            tokens = torch.zeros(batch, width, dtype=torch.long, device=hidden.device)  # [B, n]
+            features = torch.zeros(batch, width, dim, dtype=self.head.fc.weight.dtype, device=hidden.device)  # [B, n, H]
+            curve.points[width] = self._median_time(lambda t=tokens, f=features: self._feed(t, f), width)
+        monotone(curve)
+        return curve
+
+    def _time_step(self, hidden: Tensor) -> float:
+        return self._median_time(lambda: self._feed_draft(self._timed_draw(hidden), hidden), 1)
 
     def _timed_draw(self, hidden: Tensor) -> Tensor:
         """``_draw``'s work for ``hidden [B, H]`` -> argmax drafts ``[B]``, drawing nothing from the
